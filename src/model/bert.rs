@@ -1,0 +1,277 @@
+//! The text / fusion encoder: the reference's `models/xbert.py` (a fork of HF BERT 4.8.1).
+//!
+//! Post-norm layers, LayerNorm eps from the config (1e-12), exact-erf GELU. Layers from
+//! `fusion_layer` on cross-attend to image states. The token-type embedding row 0 is always
+//! added (ALBEF never passes `token_type_ids`). No pooler.
+
+use super::config::BertConfig;
+use crate::nn::{attention_context, attention_probs, dropout, Embedding, Init, LayerNorm, Linear, ParamBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Which layers run, as `BertEncoder.forward(mode=…)` in the reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Layers below `fusion_layer`, from token ids.
+    Text,
+    /// Layers from `fusion_layer` on, from given hidden states (the embedding layer is skipped).
+    Fusion,
+    /// All layers, from token ids.
+    MultiModal,
+}
+
+/// States a cross-attention layer attends to, with an optional (B, Lk) 0/1 padding mask
+/// (image states have none).
+#[derive(Clone, Debug)]
+pub struct CrossStates {
+    pub states: Tensor,
+    pub mask: Option<Tensor>,
+}
+
+impl CrossStates {
+    pub fn image(states: &Tensor) -> Self {
+        Self { states: states.clone(), mask: None }
+    }
+}
+
+/// (B, L) 0/1 mask → additive (B, 1, 1, L) with `(1 − m)·big_negative`.
+pub fn additive_mask(mask: &Tensor, big_negative: f64) -> Result<Tensor> {
+    let (b, l) = mask.dims2()?;
+    let m = mask.to_dtype(DType::F32)?;
+    (m.affine(-1.0, 1.0)? * big_negative)?.reshape((b, 1, 1, l))
+}
+
+/// Causal decoder mask: lower-triangular × padding, additive (B, 1, L, L).
+fn causal_mask(mask: &Tensor) -> Result<Tensor> {
+    let (b, l) = mask.dims2()?;
+    let tri: Vec<f32> = (0..l).flat_map(|i| (0..l).map(move |j| if j <= i { 1.0 } else { 0.0 })).collect();
+    let tri = Tensor::from_vec(tri, (1, 1, l, l), mask.device())?;
+    let pad = mask.to_dtype(DType::F32)?.reshape((b, 1, 1, l))?;
+    let m = tri.broadcast_mul(&pad)?;
+    m.affine(-1.0, 1.0)? * -10000.0
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    norm: LayerNorm,
+    heads: usize,
+    attn_dropout: f32,
+    hidden_dropout: f32,
+}
+
+impl Attention {
+    /// `kv` builds key/value (a different prefix where NLVR2 shares them across layers).
+    fn new(pb: &ParamBuilder, kv: &ParamBuilder, cfg: &BertConfig, kv_width: usize) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            query: Linear::new(&pb.pp("self.query"), d, d)?,
+            key: Linear::new(&kv.pp("self.key"), kv_width, d)?,
+            value: Linear::new(&kv.pp("self.value"), kv_width, d)?,
+            dense: Linear::new(&pb.pp("output.dense"), d, d)?,
+            norm: LayerNorm::new(&pb.pp("output.LayerNorm"), d, cfg.layer_norm_eps)?,
+            heads: cfg.num_attention_heads,
+            attn_dropout: cfg.attention_probs_dropout_prob,
+            hidden_dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    /// LN(x + Dense(Attn(q = x, kv = kv_states))).
+    fn forward(&self, x: &Tensor, kv_states: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let probs = attention_probs(&self.query.forward(x)?, &self.key.forward(kv_states)?, self.heads, mask)?;
+        let probs = dropout(&probs, self.attn_dropout, train)?;
+        let ctx = attention_context(&probs, &self.value.forward(kv_states)?, self.heads)?;
+        let out = dropout(&self.dense.forward(&ctx)?, self.hidden_dropout, train)?;
+        self.norm.forward(&(out + x)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    attention: Attention,
+    cross: Option<Attention>,
+    intermediate: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    hidden_dropout: f32,
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, mask: &Tensor, cross: Option<(&Tensor, Option<&Tensor>)>, train: bool) -> Result<Tensor> {
+        let mut h = self.attention.forward(x, x, Some(mask), train)?;
+        if let (Some(attn), Some((states, cmask))) = (&self.cross, cross) {
+            h = attn.forward(&h, states, cmask, train)?;
+        }
+        let ff = self.output.forward(&self.intermediate.forward(&h)?.gelu_erf()?)?;
+        self.norm.forward(&(dropout(&ff, self.hidden_dropout, train)? + h)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Embeddings {
+    pub word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+    dropout: f32,
+}
+
+impl Embeddings {
+    fn new(pb: &ParamBuilder, cfg: &BertConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            word: Embedding::new(&pb.pp("word_embeddings"), cfg.vocab_size, d)?,
+            position: Embedding::new(&pb.pp("position_embeddings"), cfg.max_position_embeddings, d)?,
+            token_type: Embedding::new(&pb.pp("token_type_embeddings"), cfg.type_vocab_size, d)?,
+            norm: LayerNorm::new(&pb.pp("LayerNorm"), d, cfg.layer_norm_eps)?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        let l = ids.dim(1)?;
+        let words = self.word.forward(ids)?;
+        let pos = self.position.weight.narrow(0, 0, l)?;
+        let type0 = self.token_type.weight.narrow(0, 0, 1)?;
+        let x = words.broadcast_add(&(pos.broadcast_add(&type0))?)?;
+        dropout(&self.norm.forward(&x)?, self.dropout, train)
+    }
+}
+
+/// How the layers of a [`BertModel`] are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Plain ALBEF text/fusion encoder.
+    Encoder,
+    /// Causal self-attention (the VQA answer decoder).
+    Decoder,
+    /// NLVR2: cross key/value of layer `f + 2i` are the parameters of layer `f + 2i + 1`'s ...
+    /// stored under the even layer's name (PyTorch keeps the first name of a shared parameter).
+    SharedCrossKv,
+}
+
+#[derive(Clone, Debug)]
+pub struct BertModel {
+    pub embeddings: Embeddings,
+    layers: Vec<Layer>,
+    fusion_layer: usize,
+    layout: Layout,
+}
+
+impl BertModel {
+    /// `pb` points at the BERT root (`text_encoder`, `text_encoder.bert`, `text_decoder.bert`).
+    pub fn new(pb: &ParamBuilder, cfg: &BertConfig, layout: Layout) -> Result<Self> {
+        let embeddings = Embeddings::new(&pb.pp("embeddings"), cfg)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let lp = pb.pp(format!("encoder.layer.{l}"));
+            let cross = if l >= cfg.fusion_layer {
+                let cp = lp.pp("crossattention");
+                let kv = if layout == Layout::SharedCrossKv && (l - cfg.fusion_layer) % 2 == 1 {
+                    let owner = pb.pp(format!("encoder.layer.{}", l - 1)).pp("crossattention");
+                    for name in ["self.key.weight", "self.key.bias", "self.value.weight", "self.value.bias"] {
+                        pb.store().add_alias(&cp.path(name), &owner.path(name));
+                    }
+                    owner
+                } else {
+                    cp.clone()
+                };
+                Some(Attention::new(&cp, &kv, cfg, cfg.encoder_width)?)
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attention: Attention::new(&lp.pp("attention"), &lp.pp("attention"), cfg, cfg.hidden_size)?,
+                cross,
+                intermediate: Linear::new(&lp.pp("intermediate.dense"), cfg.hidden_size, cfg.intermediate_size)?,
+                output: Linear::new(&lp.pp("output.dense"), cfg.intermediate_size, cfg.hidden_size)?,
+                norm: LayerNorm::new(&lp.pp("output.LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+                hidden_dropout: cfg.hidden_dropout_prob,
+            });
+        }
+        Ok(Self { embeddings, layers, fusion_layer: cfg.fusion_layer, layout })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token ids → embeddings → layers of `mode` (`Text` or `MultiModal`).
+    pub fn forward_ids(&self, ids: &Tensor, mask: &Tensor, cross: &[CrossStates], mode: Mode, train: bool) -> Result<Tensor> {
+        let x = self.embeddings.forward(ids, train)?;
+        self.forward_embeds(&x, mask, cross, mode, train)
+    }
+
+    /// Runs the layers of `mode` on given hidden states.
+    pub fn forward_embeds(&self, x: &Tensor, mask: &Tensor, cross: &[CrossStates], mode: Mode, train: bool) -> Result<Tensor> {
+        let range = match mode {
+            Mode::Text => 0..self.fusion_layer.min(self.layers.len()),
+            Mode::Fusion => self.fusion_layer..self.layers.len(),
+            Mode::MultiModal => 0..self.layers.len(),
+        };
+        let self_mask = match self.layout {
+            Layout::Decoder => causal_mask(mask)?,
+            _ => additive_mask(mask, -10000.0)?,
+        };
+        // transformers' `invert_attention_mask`: −1e9 in fp32.
+        let cross_masks: Vec<Option<Tensor>> =
+            cross.iter().map(|c| c.mask.as_ref().map(|m| additive_mask(m, -1e9)).transpose()).collect::<Result<_>>()?;
+        let mut h = x.clone();
+        for l in range {
+            let c = if l >= self.fusion_layer && !cross.is_empty() {
+                let i = (l - self.fusion_layer) % cross.len();
+                Some((&cross[i].states, cross_masks[i].as_ref()))
+            } else {
+                None
+            };
+            if self.layers[l].cross.is_some() && c.is_none() {
+                candle_core::bail!("BERT layer {l} cross-attends but no encoder states were given")
+            }
+            h = self.layers[l].forward(&h, &self_mask, c, train)?;
+        }
+        Ok(h)
+    }
+}
+
+/// `BertOnlyMLMHead`: dense → GELU → LayerNorm → tied decoder (word embeddings) + bias.
+#[derive(Clone, Debug)]
+pub struct MlmHead {
+    dense: Linear,
+    norm: LayerNorm,
+    decoder_weight: Tensor,
+    bias: Tensor,
+}
+
+impl MlmHead {
+    /// `pb` points at `…cls.predictions`; `bert_pb` at the BERT root whose word embeddings are tied.
+    pub fn new(pb: &ParamBuilder, bert_pb: &ParamBuilder, cfg: &BertConfig, embeddings: &Embeddings) -> Result<Self> {
+        let store = pb.store();
+        store.add_alias(&pb.path("decoder.weight"), &bert_pb.path("embeddings.word_embeddings.weight"));
+        store.add_alias(&pb.path("decoder.bias"), &pb.path("bias"));
+        Ok(Self {
+            dense: Linear::new(&pb.pp("transform.dense"), cfg.hidden_size, cfg.hidden_size)?,
+            norm: LayerNorm::new(&pb.pp("transform.LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            decoder_weight: embeddings.word.weight.clone(),
+            bias: pb.get(cfg.vocab_size, "bias", Init::Zeros)?,
+        })
+    }
+
+    /// (…, D) → (…, V) logits.
+    pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let t = self.norm.forward(&self.dense.forward(h)?.gelu_erf()?)?;
+        let dims = t.dims().to_vec();
+        let d = *dims.last().unwrap();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let logits = t.reshape((rows, d))?.matmul(&self.decoder_weight.t()?)?.broadcast_add(&self.bias)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.bias.dim(0)?;
+        logits.reshape(out)
+    }
+}
+
+/// A (B, L) all-ones i64 mask on `device` (used where the reference passes no mask).
+pub fn ones_mask(b: usize, l: usize, device: &Device) -> Result<Tensor> {
+    Tensor::ones((b, l), DType::I64, device)
+}

@@ -1,0 +1,107 @@
+//! Momentum ("teacher") copies and the ITC feature queues.
+
+use crate::nn::{Init, ParamBuilder, ParamStore};
+use candle_core::{DType, Result, Tensor, Var};
+
+/// Pairs of (online, momentum) parameters, matched by name: `X.rest` ↔ `X_m.rest`.
+#[derive(Clone, Debug)]
+pub struct Ema {
+    pairs: Vec<(Var, Var)>,
+    momentum: f64,
+}
+
+impl Ema {
+    /// Pairs every frozen parameter whose first path component ends in `_m` with its online twin.
+    pub fn from_store(store: &ParamStore, momentum: f64) -> Result<Self> {
+        let params = store.params();
+        let mut pairs = Vec::new();
+        for p in params.iter().filter(|p| !p.trainable) {
+            let (head, rest) = p.name.split_once('.').unwrap_or((&p.name, ""));
+            let Some(online_head) = head.strip_suffix("_m") else { continue };
+            let online = if rest.is_empty() { online_head.to_string() } else { format!("{online_head}.{rest}") };
+            match params.iter().find(|q| q.name == online) {
+                Some(q) => pairs.push((q.var.clone(), p.var.clone())),
+                None => candle_core::bail!("momentum parameter {} has no online twin {online}", p.name),
+            }
+        }
+        Ok(Self { pairs, momentum })
+    }
+
+    /// `copy_params()`: teacher ← student.
+    pub fn copy(&self) -> Result<()> {
+        for (online, m) in &self.pairs {
+            m.set(&online.as_tensor().detach().copy()?)?;
+        }
+        Ok(())
+    }
+
+    /// `θ_m ← m·θ_m + (1 − m)·θ`, done before the teacher's forward at every training step.
+    pub fn update(&self) -> Result<()> {
+        for (online, m) in &self.pairs {
+            let new = ((m.as_tensor().detach() * self.momentum)? + (online.as_tensor().detach() * (1.0 - self.momentum))?)?;
+            m.set(&new)?;
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+}
+
+/// The ITC queues: `image_queue`, `text_queue` (E, Q), `queue_ptr` (1,), and for retrieval
+/// `idx_queue` (1, Q) initialised to −100.
+#[derive(Clone, Debug)]
+pub struct Queues {
+    pub image: Var,
+    pub text: Var,
+    pub ptr: Var,
+    pub idx: Option<Var>,
+}
+
+impl Queues {
+    pub fn new(pb: &ParamBuilder, embed_dim: usize, size: usize, with_idx: bool) -> Result<Self> {
+        let image = pb.buffer((embed_dim, size), "image_queue", DType::F32, Init::NormalizedColumns)?;
+        let text = pb.buffer((embed_dim, size), "text_queue", DType::F32, Init::NormalizedColumns)?;
+        let idx = if with_idx { Some(pb.buffer((1, size), "idx_queue", DType::I64, Init::Const(-100.0))?) } else { None };
+        let ptr = pb.buffer(1, "queue_ptr", DType::I64, Init::Zeros)?;
+        Ok(Self { image, text, ptr, idx })
+    }
+
+    pub fn size(&self) -> Result<usize> {
+        self.image.as_tensor().dim(1)
+    }
+
+    /// Writes the (B, E) momentum features (and (B,) idx) at `ptr` and advances it, as
+    /// `_dequeue_and_enqueue` on one process.
+    pub fn enqueue(&self, image_feat: &Tensor, text_feat: &Tensor, idx: Option<&Tensor>) -> Result<()> {
+        let b = image_feat.dim(0)?;
+        let size = self.size()?;
+        if size % b != 0 {
+            candle_core::bail!("queue_size {size} must be a multiple of the batch size {b} (the reference asserts this)")
+        }
+        let ptr = self.ptr.as_tensor().to_vec1::<i64>()?[0] as usize;
+        let write = |q: &Var, cols: &Tensor| -> Result<()> {
+            let t = q.as_tensor().detach();
+            let mut parts = Vec::new();
+            if ptr > 0 {
+                parts.push(t.narrow(1, 0, ptr)?);
+            }
+            parts.push(cols.to_dtype(t.dtype())?);
+            if ptr + b < size {
+                parts.push(t.narrow(1, ptr + b, size - ptr - b)?);
+            }
+            q.set(&Tensor::cat(&parts, 1)?.contiguous()?)
+        };
+        write(&self.image, &image_feat.detach().t()?)?;
+        write(&self.text, &text_feat.detach().t()?)?;
+        if let (Some(q), Some(idx)) = (&self.idx, idx) {
+            write(q, &idx.reshape((1, b))?)?;
+        }
+        self.ptr.set(&Tensor::new(&[((ptr + b) % size) as i64], self.ptr.device())?)
+    }
+}

@@ -1,0 +1,103 @@
+//! The image encoder: a ViT as in the reference's `models/vit.py` (timm 0.4.9 layout).
+//! Pre-norm blocks, LayerNorm eps 1e-6, fused qkv laid out [q; k; v], exact-erf GELU, and a final
+//! norm over all tokens. Returns the full sequence (B, 1 + N, D); index 0 is the image CLS.
+
+use super::config::VisionConfig;
+use crate::nn::{attention, Init, LayerNorm, Linear, ParamBuilder};
+use candle_core::{Result, Tensor};
+
+#[derive(Clone, Debug)]
+struct Block {
+    norm1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl Block {
+    fn new(pb: &ParamBuilder, cfg: &VisionConfig) -> Result<Self> {
+        let d = cfg.embed_dim;
+        Ok(Self {
+            norm1: LayerNorm::new(&pb.pp("norm1"), d, cfg.layer_norm_eps)?,
+            qkv: Linear::new(&pb.pp("attn.qkv"), d, 3 * d)?,
+            proj: Linear::new(&pb.pp("attn.proj"), d, d)?,
+            norm2: LayerNorm::new(&pb.pp("norm2"), d, cfg.layer_norm_eps)?,
+            fc1: Linear::new(&pb.pp("mlp.fc1"), d, cfg.mlp_hidden())?,
+            fc2: Linear::new(&pb.pp("mlp.fc2"), cfg.mlp_hidden(), d)?,
+            heads: cfg.num_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(2)?;
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
+        let q = qkv.narrow(2, 0, d)?;
+        let k = qkv.narrow(2, d, d)?;
+        let v = qkv.narrow(2, 2 * d, d)?;
+        let x = (x + self.proj.forward(&attention(&q, &k, &v, self.heads, None)?)?)?;
+        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VisionTransformer {
+    /// Conv2d(3, D, kernel = stride = patch) weight, applied as a matmul over flattened patches.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    cfg: VisionConfig,
+}
+
+impl VisionTransformer {
+    pub fn new(pb: &ParamBuilder, cfg: &VisionConfig) -> Result<Self> {
+        let (d, p) = (cfg.embed_dim, cfg.patch_size);
+        let patch = pb.pp("patch_embed.proj");
+        Ok(Self {
+            cls_token: pb.get((1, 1, d), "cls_token", Init::Normal(0.02))?,
+            pos_embed: pb.get((1, cfg.num_patches() + 1, d), "pos_embed", Init::Normal(0.02))?,
+            patch_weight: patch.get((d, 3, p, p), "weight", Init::Normal(0.02))?,
+            patch_bias: patch.get(d, "bias", Init::Zeros)?,
+            blocks: (0..cfg.depth).map(|i| Block::new(&pb.pp(format!("blocks.{i}")), cfg)).collect::<Result<_>>()?,
+            norm: LayerNorm::new(&pb.pp("norm"), d, cfg.layer_norm_eps)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// (B, 3, R, R) normalised pixels → (B, N, D) patch embeddings, patches in row-major order.
+    fn embed_patches(&self, image: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = image.dims4()?;
+        let p = self.cfg.patch_size;
+        if h != self.cfg.image_res || w != self.cfg.image_res {
+            candle_core::bail!("image is {h}x{w} but the model was built for {0}x{0}", self.cfg.image_res)
+        }
+        let (gh, gw) = (h / p, w / p);
+        // (B, C, gh, p, gw, p) → (B, gh, gw, C, p, p): each row is one patch in the conv
+        // weight's (C, kh, kw) order, so the strided conv is exactly one matmul.
+        let patches = image.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b * gh * gw, c * p * p))?;
+        let d = self.cfg.embed_dim;
+        let w2 = self.patch_weight.reshape((d, c * p * p))?;
+        patches.matmul(&w2.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))
+    }
+
+    pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
+        let x = self.embed_patches(image)?;
+        let b = x.dim(0)?;
+        let cls = self.cls_token.broadcast_as((b, 1, self.cfg.embed_dim))?;
+        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        self.norm.forward(&x)
+    }
+}

@@ -1,0 +1,170 @@
+//! Differentiable building blocks.
+//!
+//! candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` have no backward pass and
+//! silently stop gradients, so everything here is composed from primitive ops that do.
+
+mod params;
+
+pub use params::{Init, ParamBuilder, ParamStore};
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Softmax over the last dimension (max-subtracted for stability; the max is a constant).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// `F.normalize(x, dim=-1)`: x / max(||x||, 1e-12).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}
+
+/// Mean cross-entropy of `logits` (N, C) against class indices `targets` (N,), skipping
+/// targets equal to `ignore_index` (PyTorch's default −100), as `F.cross_entropy` does.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let per_row = cross_entropy_per_row(logits, targets)?;
+    let valid = targets.ge(0i64)?.to_dtype(DType::F32)?;
+    per_row.sum_all()?.broadcast_div(&valid.sum_all()?)
+}
+
+/// Per-row cross-entropy (N,), zero where the target is negative (ignored), as
+/// `CrossEntropyLoss(reduction='none')`.
+pub fn cross_entropy_per_row(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let valid = targets.ge(0i64)?;
+    let safe = valid.where_cond(targets, &targets.zeros_like()?)?;
+    let logp = log_softmax(logits)?;
+    let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
+    picked.neg()?.mul(&valid.to_dtype(DType::F32)?)
+}
+
+/// Soft-target cross-entropy per row: −Σ_c target·log_softmax(logits).
+pub fn soft_cross_entropy_per_row(logits: &Tensor, soft_targets: &Tensor) -> Result<Tensor> {
+    log_softmax(logits)?.mul(soft_targets)?.sum(D::Minus1)?.neg()
+}
+
+/// Dropout with the inverted scaling PyTorch uses; identity when `p == 0` or not training.
+pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
+    if !train || p == 0.0 {
+        return Ok(x.clone());
+    }
+    candle_nn::ops::dropout(x, p)
+}
+
+/// Linear layer, weight stored (out, in) as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(pb: &ParamBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let weight = pb.get((out_dim, in_dim), "weight", Init::Normal(0.02))?;
+        let bias = Some(pb.get(out_dim, "bias", Init::Zeros)?);
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has at least one dimension");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// LayerNorm over the last dimension, composed from differentiable ops.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(pb: &ParamBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = pb.get(dim, "weight", Init::Ones)?;
+        let bias = pb.get(dim, "bias", Init::Zeros)?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Embedding table (num, dim).
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(pb: &ParamBuilder, num: usize, dim: usize) -> Result<Self> {
+        Ok(Self { weight: pb.get((num, dim), "weight", Init::Normal(0.02))? })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let dims = ids.dims().to_vec();
+        let flat = ids.flatten_all()?;
+        let out = self.weight.index_select(&flat, 0)?;
+        let mut out_dims = dims;
+        out_dims.push(self.weight.dim(1)?);
+        out.reshape(out_dims)
+    }
+}
+
+/// Multi-head scaled dot-product attention on already-projected tensors (B, L, H·dh).
+/// `mask` is additive and broadcast to (B, H, Lq, Lk).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let probs = attention_probs(q, k, heads, mask)?;
+    attention_context(&probs, v, heads)
+}
+
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    x.reshape((b, l, heads, d / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// softmax(q·kᵀ/√dh + mask): (B, H, Lq, Lk).
+pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let head_dim = q.dim(2)? / heads;
+    let q = split_heads(q, heads)?;
+    let k = split_heads(k, heads)?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax(&scores)
+}
+
+/// probs·v merged back to (B, Lq, H·dh).
+pub fn attention_context(probs: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, _, d) = v.dims3()?;
+    let v = split_heads(v, heads)?;
+    let ctx = probs.matmul(&v)?;
+    let lq = ctx.dim(2)?;
+    ctx.transpose(1, 2)?.reshape((b, lq, d))
+}

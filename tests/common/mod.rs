@@ -1,0 +1,86 @@
+//! Helpers shared by the fixture tests: the sets under `tests/fixtures/` are outputs of the
+//! official PyTorch code on tiny random-weight models (see their `manifest.json`).
+#![allow(dead_code)]
+
+use albef::model::{BertConfig, ModelConfig, VisionConfig};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub fn fixture_dir(set: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(set)
+}
+
+pub fn manifest(set: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_dir(set).join("manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn io(set: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture_dir(set).join("io.safetensors"), &Device::Cpu).unwrap()
+}
+
+pub fn scalar(set: &str, name: &str) -> f64 {
+    manifest(set)["scalars"][name]["value"].as_f64().unwrap_or_else(|| panic!("{set}: no scalar {name}"))
+}
+
+/// The fixture's `config.json` as a [`ModelConfig`].
+pub fn model_config(set: &str) -> ModelConfig {
+    let text = std::fs::read_to_string(fixture_dir(set).join("config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let bert: BertConfig = serde_json::from_value(v["bert_config"].clone()).unwrap();
+    let vit = &v["vit"];
+    let task = &v["task_config"];
+    let vision = VisionConfig {
+        patch_size: vit["patch_size"].as_u64().unwrap() as usize,
+        embed_dim: vit["embed_dim"].as_u64().unwrap() as usize,
+        depth: vit["depth"].as_u64().unwrap() as usize,
+        num_heads: vit["num_heads"].as_u64().unwrap() as usize,
+        mlp_ratio: vit["mlp_ratio"].as_f64().unwrap(),
+        layer_norm_eps: vit["layer_norm_eps"].as_f64().unwrap(),
+        image_res: task["image_res"].as_u64().unwrap() as usize,
+    };
+    ModelConfig {
+        vision,
+        bert,
+        embed_dim: task["embed_dim"].as_u64().unwrap() as usize,
+        temp: task["temp"].as_f64().unwrap(),
+        queue_size: task["queue_size"].as_u64().unwrap() as usize,
+        momentum: task["momentum"].as_f64().unwrap(),
+        distill: task["distill"].as_bool().unwrap(),
+        ..ModelConfig::default()
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Max error where |want| ≤ 1 is absolute and above 1 relative, as the issue defines "within".
+pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    assert_eq!(got.dims(), want.dims(), "{name}: shape");
+    let (g, w) = (flat(got), flat(want));
+    let mut worst = (0f32, 0usize);
+    for (i, (a, b)) in g.iter().zip(w.iter()).enumerate() {
+        let err = (a - b).abs() / b.abs().max(1.0);
+        if !(err <= worst.0) {
+            worst = (err, i);
+        }
+    }
+    assert!(worst.0 <= tol, "{name}: error {:.3e} at {} (got {}, want {}) exceeds {tol:e}", worst.0, worst.1, g[worst.1], w[worst.1]);
+}
+
+pub fn assert_scalar(name: &str, got: f64, want: f64, tol: f64) {
+    let err = (got - want).abs() / want.abs().max(1.0);
+    assert!(err <= tol, "{name}: got {got}, want {want} (error {err:.3e} > {tol:e})");
+}
+
+/// Relative error check for gradients: ‖got − want‖ / ‖want‖ (elementwise-relative is noisy on
+/// entries near zero).
+pub fn assert_rel(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{name}: shape");
+    let (g, w) = (flat(got), flat(want));
+    let diff: f64 = g.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+    assert!(diff / norm <= tol, "{name}: relative error {:.3e} exceeds {tol:e}", diff / norm);
+}
