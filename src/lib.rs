@@ -9,3 +9,4 @@ pub mod nn;
 pub mod model;
 pub mod checkpoint;
 pub mod util;
+pub mod data;

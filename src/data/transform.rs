@@ -1,0 +1,137 @@
+//! The evaluation image transform: decode → RGB → `Resize((R, R), BICUBIC)` exactly as Pillow
+//! does it → `ToTensor` → `Normalize` with CLIP's mean and std (§6.4).
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+pub const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// An 8-bit RGB image, row-major HWC.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    /// Decodes JPEG or PNG; grey, grey+alpha and RGBA become RGB (alpha dropped, as PIL's
+    /// `convert('RGB')`).
+    pub fn open(path: &Path) -> Result<Self> {
+        let img = image::ImageReader::open(path)
+            .with_context(|| format!("cannot open image {}", path.display()))?
+            .with_guessed_format()
+            .with_context(|| format!("cannot read image {}", path.display()))?
+            .decode()
+            .with_context(|| format!("cannot decode image {} (truncated or not an image?)", path.display()))?;
+        let rgb = img.to_rgb8();
+        Ok(Self { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
+    }
+}
+
+// Pillow's Resample.c: coefficients in double, rounded to fixed point with 22 fractional bits,
+// horizontal pass first into an 8-bit intermediate, then vertical.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output pixel: first input index and fixed-point weights (`precompute_coeffs` +
+/// `normalize_coeffs_8bpc`).
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax).map(|x| bicubic_filter((x as f64 - center + 0.5) * ss)).collect();
+            let total: f64 = w.iter().sum();
+            let k = w
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v };
+                    let scaled = v * (1u32 << PRECISION_BITS) as f64;
+                    if v < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 }
+                })
+                .collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// `PIL.Image.resize((w, h), BICUBIC)` on an RGB image, bit-exact.
+pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    let mut cur = img.clone();
+    if out_w != cur.width {
+        let coeffs = coefficients(cur.width, out_w);
+        let mut data = vec![0u8; out_w * cur.height * 3];
+        for y in 0..cur.height {
+            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
+            for (x, (xmin, k)) in coeffs.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &w) in k.iter().enumerate() {
+                        acc += row[(xmin + i) * 3 + c] as i64 * w as i64;
+                    }
+                    data[(y * out_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        cur = RgbImage { width: out_w, height: cur.height, data };
+    }
+    if out_h != cur.height {
+        let coeffs = coefficients(cur.height, out_h);
+        let w = cur.width;
+        let mut data = vec![0u8; w * out_h * 3];
+        for (y, (ymin, k)) in coeffs.iter().enumerate() {
+            for x in 0..w {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &wt) in k.iter().enumerate() {
+                        acc += cur.data[((ymin + i) * w + x) * 3 + c] as i64 * wt as i64;
+                    }
+                    data[(y * w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        cur = RgbImage { width: w, height: out_h, data };
+    }
+    cur
+}
+
+/// `ToTensor` + `Normalize(CLIP mean, std)`: (3, H, W) f32, channel-planar.
+pub fn to_normalized_chw(img: &RgbImage) -> Vec<f32> {
+    let n = img.width * img.height;
+    let mut out = vec![0f32; 3 * n];
+    for i in 0..n {
+        for c in 0..3 {
+            out[c * n + i] = (img.data[i * 3 + c] as f32 / 255.0 - MEAN[c]) / STD[c];
+        }
+    }
+    out
+}
+
+/// The reference's test transform at resolution `res`: (3, res, res).
+pub fn eval_transform(img: &RgbImage, res: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let resized = resize_bicubic(img, res, res);
+    Tensor::from_vec(to_normalized_chw(&resized), (3, res, res), device)
+}
