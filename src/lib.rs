@@ -10,3 +10,4 @@ pub mod model;
 pub mod checkpoint;
 pub mod util;
 pub mod data;
+pub mod eval;

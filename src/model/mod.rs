@@ -7,6 +7,7 @@ pub mod contrastive;
 pub mod contrastive_model;
 pub mod heads;
 pub mod momentum;
+pub mod text_assign;
 pub mod vit;
 pub mod vqa;
 
@@ -14,3 +15,4 @@ pub use classifier::{ClassifierKind, ClassifierModel};
 pub use config::{BertConfig, ModelConfig, VisionConfig};
 pub use contrastive_model::{ContrastiveModel, Objective};
 pub use vqa::VqaModel;
+pub use text_assign::TextAssignModel;

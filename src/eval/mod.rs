@@ -1,0 +1,3 @@
+//! Evaluation procedures shared by the CLI and the tests.
+
+pub mod retrieval;
