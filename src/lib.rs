@@ -11,3 +11,5 @@ pub mod checkpoint;
 pub mod util;
 pub mod data;
 pub mod eval;
+pub mod config;
+pub mod tasks;

@@ -1,1 +1,34 @@
-fn main() {}
+//! The `albef` command line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(name = "albef", version, about = "ALBEF (Align before Fuse) vision-language model: load the official checkpoints, fine-tune, evaluate")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect checkpoint files.
+    #[command(subcommand)]
+    Checkpoint(cli::checkpoint::CheckpointCommand),
+    /// Forward-throughput benchmarks of the full-size encoders on this machine.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Checkpoint(c) => cli::checkpoint::run(c),
+        Command::Bench(a) => cli::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,4 @@
+//! Subcommand implementations.
+
+pub mod bench;
+pub mod checkpoint;
