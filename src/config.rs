@@ -23,6 +23,10 @@ pub struct TaskConfig {
     pub mlm_probability: Option<f64>,
     pub k_test: Option<usize>,
     pub vision: Option<VisionConfig>,
+    /// albef extension: VQA decoder depth (the reference hard-codes 6).
+    pub decoder_layers: Option<usize>,
+    /// albef extension: NLVR2 encoder depth (the reference hard-codes 18).
+    pub nlvr_layers: Option<usize>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
     /// Folder of the YAML file, for resolving relative paths.
@@ -32,8 +36,10 @@ pub struct TaskConfig {
 
 impl TaskConfig {
     pub fn from_yaml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut cfg: TaskConfig = serde_norway::from_str(&text).with_context(|| format!("{} is not a valid task config", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg: TaskConfig = serde_norway::from_str(&text)
+            .with_context(|| format!("{} is not a valid task config", path.display()))?;
         cfg.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(cfg)
     }
@@ -42,10 +48,25 @@ impl TaskConfig {
     /// reference does), else next to the YAML file, else one folder up.
     pub fn resolve(&self, name: &str) -> Result<PathBuf> {
         let given = PathBuf::from(name);
-        let candidates = [given.clone(), self.dir.join(&given), self.dir.join("..").join(&given)];
-        candidates.iter().find(|p| p.exists()).cloned().with_context(|| {
-            format!("config names {name:?}, which exists at none of: {}", candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
-        })
+        let candidates = [
+            given.clone(),
+            self.dir.join(&given),
+            self.dir.join("..").join(&given),
+        ];
+        candidates
+            .iter()
+            .find(|p| p.exists())
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "config names {name:?}, which exists at none of: {}",
+                    candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
     }
 
     /// The model sizes this config describes.
@@ -57,16 +78,27 @@ impl TaskConfig {
         };
         let mut vision = self.vision.clone().unwrap_or_default();
         vision.image_res = self.image_res.unwrap_or(vision.image_res);
-        if vision.image_res % vision.patch_size != 0 {
-            bail!("image_res {} is not a multiple of the patch size {}", vision.image_res, vision.patch_size);
+        if !vision.image_res.is_multiple_of(vision.patch_size) {
+            bail!(
+                "image_res {} is not a multiple of the patch size {}",
+                vision.image_res,
+                vision.patch_size
+            );
         }
         if let Some(w) = self.vision_width {
             if w != vision.embed_dim {
-                bail!("vision_width {w} disagrees with the image encoder width {} (vision.embed_dim)", vision.embed_dim);
+                bail!(
+                    "vision_width {w} disagrees with the image encoder width {} (vision.embed_dim)",
+                    vision.embed_dim
+                );
             }
         }
         if bert.encoder_width != vision.embed_dim {
-            bail!("bert_config encoder_width {} must equal the image encoder width {}", bert.encoder_width, vision.embed_dim);
+            bail!(
+                "bert_config encoder_width {} must equal the image encoder width {}",
+                bert.encoder_width,
+                vision.embed_dim
+            );
         }
         Ok(ModelConfig {
             vision,
@@ -76,7 +108,8 @@ impl TaskConfig {
             queue_size: self.queue_size.unwrap_or(d.queue_size),
             momentum: self.momentum.unwrap_or(d.momentum),
             distill: self.distill.unwrap_or(d.distill),
-            ..d
+            decoder_layers: self.decoder_layers.unwrap_or(d.decoder_layers),
+            nlvr_layers: self.nlvr_layers.unwrap_or(d.nlvr_layers),
         })
     }
 }
@@ -89,4 +122,40 @@ pub fn default_model_config(task: Task) -> ModelConfig {
         _ => 384,
     };
     cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_yaml_and_bert_json() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg = TaskConfig::from_yaml_file(&root.join("configs/tiny/fixture.yaml")).unwrap();
+        assert_eq!(cfg.k_test, Some(2));
+        // `bert_config` is relative to the working directory, the package root under cargo test.
+        let m = cfg.model_config().unwrap();
+        assert_eq!(m.vision.image_res, 48);
+        assert_eq!(m.vision.embed_dim, 32);
+        assert_eq!(m.bert.hidden_size, 32);
+        assert_eq!(m.bert.fusion_layer, 2);
+        assert_eq!(m.embed_dim, 16);
+        assert_eq!(m.queue_size, 16);
+        assert_eq!(cfg.extra.get("alpha"), None, "alpha is a known key");
+    }
+
+    #[test]
+    fn inconsistent_widths_are_rejected() {
+        let mut cfg: TaskConfig =
+            serde_norway::from_str("image_res: 384\nvision_width: 512\n").unwrap();
+        cfg.dir = PathBuf::from(".");
+        let e = cfg.model_config().unwrap_err().to_string();
+        assert!(e.contains("vision_width 512"), "{e}");
+        let cfg: TaskConfig = serde_norway::from_str("image_res: 380\n").unwrap();
+        assert!(cfg
+            .model_config()
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of the patch size"));
+    }
 }

@@ -5,11 +5,11 @@
 //! key remapping, position-embedding interpolation); `data` holds the tokenizer and image
 //! transforms.
 
-pub mod nn;
-pub mod model;
 pub mod checkpoint;
-pub mod util;
+pub mod config;
 pub mod data;
 pub mod eval;
-pub mod config;
+pub mod model;
+pub mod nn;
 pub mod tasks;
+pub mod util;

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 mod cli;
 
 #[derive(Parser)]
-#[command(name = "albef", version, about = "ALBEF (Align before Fuse) vision-language model: load the official checkpoints, fine-tune, evaluate")]
+#[command(
+    name = "albef",
+    version,
+    about = "ALBEF (Align before Fuse) vision-language model: load the official checkpoints, fine-tune, evaluate"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

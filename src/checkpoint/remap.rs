@@ -3,7 +3,9 @@
 use super::io::StateDict;
 
 /// Which reference script's loading code to mirror.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     Pretrain,
@@ -38,7 +40,12 @@ pub fn source_kind(sd: &StateDict) -> SourceKind {
 /// Applies the remap the reference script for `task` applies (`evaluate` = its `--evaluate`
 /// flag). Unlike the reference, a remap meant for pre-trained files is skipped on a file that is
 /// already in task layout (issues #7, #101); the returned notes say what was done.
-pub fn remap(task: Task, sd: StateDict, evaluate: bool, fusion_layer: usize) -> (StateDict, Vec<String>) {
+pub fn remap(
+    task: Task,
+    sd: StateDict,
+    evaluate: bool,
+    fusion_layer: usize,
+) -> (StateDict, Vec<String>) {
     let kind = source_kind(&sd);
     let mut notes = Vec::new();
     let wants = match task {
@@ -68,7 +75,15 @@ pub fn remap(task: Task, sd: StateDict, evaluate: bool, fusion_layer: usize) -> 
 
 /// Every key containing `bert` loses its first `bert.`: `text_encoder.bert.X → text_encoder.X`.
 fn strip_bert(sd: StateDict) -> StateDict {
-    sd.into_iter().map(|(k, v)| if k.contains("bert") { (k.replacen("bert.", "", 1), v) } else { (k, v) }).collect()
+    sd.into_iter()
+        .map(|(k, v)| {
+            if k.contains("bert") {
+                (k.replacen("bert.", "", 1), v)
+            } else {
+                (k, v)
+            }
+        })
+        .collect()
 }
 
 /// VQA.py: the encoder keeps all layers (copies without `bert.`); the decoder gets the
@@ -86,7 +101,9 @@ fn vqa_decoder_from_encoder(sd: StateDict, fusion_layer: usize) -> StateDict {
         let mut new_key = key.clone();
         if key.contains("layer") {
             let parts: Vec<&str> = key.split('.').collect();
-            let Some(n) = parts.get(4).and_then(|s| s.parse::<usize>().ok()) else { continue };
+            let Some(n) = parts.get(4).and_then(|s| s.parse::<usize>().ok()) else {
+                continue;
+            };
             if n < fusion_layer {
                 continue;
             }
@@ -104,10 +121,17 @@ fn nlvr_duplicate_layers(sd: StateDict, fusion_layer: usize) -> StateDict {
     let mut out = StateDict::new();
     for (key, value) in sd {
         let parts: Vec<&str> = key.split('.').collect();
-        let layer = if key.contains("layer") { parts.get(3).and_then(|s| s.parse::<usize>().ok()) } else { None };
+        let layer = if key.contains("layer") {
+            parts.get(3).and_then(|s| s.parse::<usize>().ok())
+        } else {
+            None
+        };
         match layer {
             Some(n) if n >= fusion_layer => {
-                for new in [fusion_layer + 2 * (n - fusion_layer), fusion_layer + 2 * (n - fusion_layer) + 1] {
+                for new in [
+                    fusion_layer + 2 * (n - fusion_layer),
+                    fusion_layer + 2 * (n - fusion_layer) + 1,
+                ] {
                     let mut p: Vec<String> = parts.iter().map(|s| s.to_string()).collect();
                     p[3] = new.to_string();
                     out.insert(p.join("."), value.clone());

@@ -40,7 +40,15 @@ fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
 
 /// The dense matmuls of one transformer layer of width d, MLP width 4d, sequence n, batch b,
 /// plus the two attention matmuls — a lower bound for the layer's cost.
-fn matmul_floor(b: usize, n: usize, d: usize, heads: usize, kv_len: usize, cross: bool, dev: &Device) -> Result<Box<dyn FnMut() -> Result<()>>> {
+fn matmul_floor(
+    b: usize,
+    n: usize,
+    d: usize,
+    heads: usize,
+    kv_len: usize,
+    cross: bool,
+    dev: &Device,
+) -> Result<Box<dyn FnMut() -> Result<()>>> {
     let x = Tensor::randn(0f32, 1.0, (b * n, d), dev)?;
     let w = Tensor::randn(0f32, 0.02, (d, d), dev)?;
     let w1 = Tensor::randn(0f32, 0.02, (d, 4 * d), dev)?;
@@ -74,13 +82,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
     cfg.vision.image_res = a.image_res;
     let store = ParamStore::new(&dev, 0);
     let vit = VisionTransformer::new(&store.root(false), &cfg.vision)?;
-    let image = Tensor::randn(0f32, 1.0, (a.image_batch, 3, a.image_res, a.image_res), &dev)?;
+    let image = Tensor::randn(
+        0f32,
+        1.0,
+        (a.image_batch, 3, a.image_res, a.image_res),
+        &dev,
+    )?;
     let tokens = cfg.vision.num_patches() + 1;
     println!("threads: {}", candle_core::utils::get_num_threads());
 
-    let t_vit = time(a.reps, || vit.forward(&image).map(|_| ()).map_err(Into::into))?;
+    let t_vit = time(a.reps, || {
+        vit.forward(&image).map(|_| ()).map_err(Into::into)
+    })?;
     let mut floor = matmul_floor(a.image_batch, tokens, 768, 12, tokens, false, &dev)?;
-    let t_floor = time(a.reps, || floor())? * cfg.vision.depth as f64;
+    let t_floor = time(a.reps, &mut floor)? * cfg.vision.depth as f64;
     println!(
         "image encoder ViT-B/16 @{} px, batch {}: {:.3} s/batch, {:.2} images/s  (matmul floor {:.3} s, ratio {:.2}x)",
         a.image_res,
@@ -91,15 +106,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
         t_vit / t_floor
     );
 
-    let bert = BertModel::new(&store.root(false).pp("text_encoder"), &cfg.bert, Layout::Encoder)?;
+    let bert = BertModel::new(
+        &store.root(false).pp("text_encoder"),
+        &cfg.bert,
+        Layout::Encoder,
+    )?;
     let text = Tensor::randn(0f32, 1.0, (a.text_batch, a.text_len, 768), &dev)?;
     let mask = Tensor::ones((a.text_batch, a.text_len), DType::I64, &dev)?;
     let img_states = Tensor::randn(0f32, 1.0, (a.text_batch, tokens, 768), &dev)?;
     let cross = [CrossStates::image(&img_states)];
-    let t_fusion = time(a.reps, || bert.forward_embeds(&text, &mask, &cross, Mode::Fusion, false).map(|_| ()).map_err(Into::into))?;
+    let t_fusion = time(a.reps, || {
+        bert.forward_embeds(&text, &mask, &cross, Mode::Fusion, false)
+            .map(|_| ())
+            .map_err(Into::into)
+    })?;
     let fusion_layers = cfg.bert.num_hidden_layers - cfg.bert.fusion_layer;
     let mut floor = matmul_floor(a.text_batch, a.text_len, 768, 12, tokens, true, &dev)?;
-    let t_floor = time(a.reps, || floor())? * fusion_layers as f64;
+    let t_floor = time(a.reps, &mut floor)? * fusion_layers as f64;
     println!(
         "fusion layers (6 x self+cross attention), batch {} x {} tokens vs {} image tokens: {:.3} s/batch, {:.1} pairs/s  (matmul floor {:.3} s, ratio {:.2}x)",
         a.text_batch,

@@ -2,7 +2,10 @@
 
 /// Characters the reference deletes: `, . ' ! ? " ( ) * # : ; ~`.
 fn is_deleted(c: char) -> bool {
-    matches!(c, ',' | '.' | '\'' | '!' | '?' | '"' | '(' | ')' | '*' | '#' | ':' | ';' | '~')
+    matches!(
+        c,
+        ',' | '.' | '\'' | '!' | '?' | '"' | '(' | ')' | '*' | '#' | ':' | ';' | '~'
+    )
 }
 
 /// Python's `str.isspace` (what `\s` matches in a `re` str pattern).
@@ -11,7 +14,11 @@ fn is_py_space(c: char) -> bool {
 }
 
 fn clean(text: &str) -> String {
-    text.to_lowercase().chars().filter(|&c| !is_deleted(c)).map(|c| if c == '-' || c == '/' { ' ' } else { c }).collect()
+    text.to_lowercase()
+        .chars()
+        .filter(|&c| !is_deleted(c))
+        .map(|c| if c == '-' || c == '/' { ' ' } else { c })
+        .collect()
 }
 
 fn first_words(text: &str, max_words: usize) -> String {
@@ -64,8 +71,14 @@ mod tests {
 
     #[test]
     fn caption_rules() {
-        assert_eq!(pre_caption("A man, riding-a horse!", 30), "a man riding a horse");
-        assert_eq!(pre_caption("  <person>  walks/runs  ", 30), "person walks runs");
+        assert_eq!(
+            pre_caption("A man, riding-a horse!", 30),
+            "a man riding a horse"
+        );
+        assert_eq!(
+            pre_caption("  <person>  walks/runs  ", 30),
+            "person walks runs"
+        );
         assert_eq!(pre_caption("one two three", 2), "one two");
         assert_eq!(pre_question("  What is it? ", 30), "  what is it");
     }

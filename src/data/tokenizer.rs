@@ -38,8 +38,16 @@ impl Encoded {
     pub fn to_tensors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
         let b = self.input_ids.len();
         let l = self.input_ids.first().map_or(0, |r| r.len());
-        let flat = |rows: &Vec<Vec<u32>>| rows.iter().flatten().map(|&x| x as i64).collect::<Vec<i64>>();
-        Ok((Tensor::from_vec(flat(&self.input_ids), (b, l), device)?, Tensor::from_vec(flat(&self.attention_mask), (b, l), device)?))
+        let flat = |rows: &Vec<Vec<u32>>| {
+            rows.iter()
+                .flatten()
+                .map(|&x| x as i64)
+                .collect::<Vec<i64>>()
+        };
+        Ok((
+            Tensor::from_vec(flat(&self.input_ids), (b, l), device)?,
+            Tensor::from_vec(flat(&self.attention_mask), (b, l), device)?,
+        ))
     }
 }
 
@@ -63,7 +71,11 @@ fn is_control(c: char) -> bool {
 
 fn is_punctuation(c: char) -> bool {
     let cp = c as u32;
-    (33..=47).contains(&cp) || (58..=64).contains(&cp) || (91..=96).contains(&cp) || (123..=126).contains(&cp) || c.general_category_group() == GeneralCategoryGroup::Punctuation
+    (33..=47).contains(&cp)
+        || (58..=64).contains(&cp)
+        || (91..=96).contains(&cp)
+        || (123..=126).contains(&cp)
+        || c.general_category_group() == GeneralCategoryGroup::Punctuation
 }
 
 fn is_cjk(c: char) -> bool {
@@ -96,11 +108,15 @@ impl Tokenizer {
         } else {
             bail!("text encoder folder {} does not exist (give --text_encoder the local bert-base-uncased folder)", path.display())
         };
-        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
         let tokens: Vec<String> = if file.extension().is_some_and(|e| e == "json") {
-            vocab_from_tokenizer_json(&text).with_context(|| format!("{} is not a WordPiece tokenizer.json", file.display()))?
+            vocab_from_tokenizer_json(&text)
+                .with_context(|| format!("{} is not a WordPiece tokenizer.json", file.display()))?
         } else {
-            text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect()
+            text.lines()
+                .map(|l| l.trim_end_matches('\r').to_string())
+                .collect()
         };
         let tok = Self::from_tokens(tokens, lowercase);
         for s in SPECIAL {
@@ -113,8 +129,16 @@ impl Tokenizer {
 
     /// A tokenizer over the given vocabulary (line i = id i).
     pub fn from_tokens(tokens: Vec<String>, lowercase: bool) -> Self {
-        let vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        Self { vocab, inverse: tokens, lowercase }
+        let vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        Self {
+            vocab,
+            inverse: tokens,
+            lowercase,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -147,7 +171,11 @@ impl Tokenizer {
     /// `[CLS]` + ids of `text`, truncated to `max_len` ids in all when given.
     pub fn encode(&self, text: &str, max_len: Option<usize>) -> Vec<u32> {
         let mut ids = vec![CLS];
-        ids.extend(self.tokenize(text).iter().map(|t| self.vocab.get(t).copied().unwrap_or(UNK)));
+        ids.extend(
+            self.tokenize(text)
+                .iter()
+                .map(|t| self.vocab.get(t).copied().unwrap_or(UNK)),
+        );
         if let Some(m) = max_len {
             ids.truncate(m.max(1));
         }
@@ -159,7 +187,10 @@ impl Tokenizer {
             Padding::Longest { truncate_to } => (truncate_to, None),
             Padding::MaxLength(m) => (Some(m), Some(m)),
         };
-        let rows: Vec<Vec<u32>> = texts.iter().map(|t| self.encode(t.as_ref(), truncate)).collect();
+        let rows: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.encode(t.as_ref(), truncate))
+            .collect();
         let len = pad_to.unwrap_or_else(|| rows.iter().map(|r| r.len()).max().unwrap_or(1));
         let mut input_ids = Vec::with_capacity(rows.len());
         let mut attention_mask = Vec::with_capacity(rows.len());
@@ -171,7 +202,10 @@ impl Tokenizer {
             input_ids.push(ids);
             attention_mask.push(mask);
         }
-        Encoded { input_ids, attention_mask }
+        Encoded {
+            input_ids,
+            attention_mask,
+        }
     }
 
     /// HF `BasicTokenizer`: clean, split CJK, lower-case and strip accents, split punctuation.
@@ -194,7 +228,14 @@ impl Tokenizer {
         let cleaned: String = cleaned.nfc().collect();
         let mut out = Vec::new();
         for word in cleaned.split(is_whitespace).filter(|w| !w.is_empty()) {
-            let word = if self.lowercase { word.to_lowercase().nfd().filter(|c| c.general_category() != GeneralCategory::NonspacingMark).collect() } else { word.to_string() };
+            let word = if self.lowercase {
+                word.to_lowercase()
+                    .nfd()
+                    .filter(|c| c.general_category() != GeneralCategory::NonspacingMark)
+                    .collect()
+            } else {
+                word.to_string()
+            };
             let mut current = String::new();
             for c in word.chars() {
                 if is_punctuation(c) {
@@ -256,7 +297,10 @@ fn split_special(text: &str) -> Vec<(&str, bool)> {
     let mut out = Vec::new();
     let mut rest = text;
     while !rest.is_empty() {
-        let next = SPECIAL.iter().filter_map(|s| rest.find(s).map(|i| (i, *s))).min_by_key(|&(i, s)| (i, std::cmp::Reverse(s.len())));
+        let next = SPECIAL
+            .iter()
+            .filter_map(|s| rest.find(s).map(|i| (i, *s)))
+            .min_by_key(|&(i, s)| (i, std::cmp::Reverse(s.len())));
         match next {
             Some((i, s)) => {
                 if i > 0 {
@@ -278,18 +322,30 @@ fn read_lowercase_flag(path: &Path) -> Result<bool> {
     if !path.is_file() {
         return Ok(true);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    Ok(v.get("do_lower_case").and_then(|x| x.as_bool()).unwrap_or(true))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(v.get("do_lower_case")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(true))
 }
 
 fn vocab_from_tokenizer_json(text: &str) -> Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_str(text)?;
-    let vocab = v.pointer("/model/vocab").and_then(|x| x.as_object()).ok_or_else(|| anyhow!("no model.vocab object"))?;
+    let vocab = v
+        .pointer("/model/vocab")
+        .and_then(|x| x.as_object())
+        .ok_or_else(|| anyhow!("no model.vocab object"))?;
     let mut tokens = vec![String::new(); vocab.len()];
     for (tok, id) in vocab {
-        let id = id.as_u64().ok_or_else(|| anyhow!("vocab id of {tok:?} is not an integer"))? as usize;
-        let slot = tokens.get_mut(id).ok_or_else(|| anyhow!("vocab id {id} of {tok:?} is out of range"))?;
+        let id = id
+            .as_u64()
+            .ok_or_else(|| anyhow!("vocab id of {tok:?} is not an integer"))?
+            as usize;
+        let slot = tokens
+            .get_mut(id)
+            .ok_or_else(|| anyhow!("vocab id {id} of {tok:?} is out of range"))?;
         *slot = tok.clone();
     }
     Ok(tokens)

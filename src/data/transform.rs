@@ -6,6 +6,8 @@ use candle_core::{Device, Tensor};
 use std::path::Path;
 
 pub const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+// CLIP's constants as the reference writes them (f32 rounds the last digits).
+#[allow(clippy::excessive_precision)]
 pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// An 8-bit RGB image, row-major HWC.
@@ -25,9 +27,18 @@ impl RgbImage {
             .with_guessed_format()
             .with_context(|| format!("cannot read image {}", path.display()))?
             .decode()
-            .with_context(|| format!("cannot decode image {} (truncated or not an image?)", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot decode image {} (truncated or not an image?)",
+                    path.display()
+                )
+            })?;
         let rgb = img.to_rgb8();
-        Ok(Self { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
+        Ok(Self {
+            width: rgb.width() as usize,
+            height: rgb.height() as usize,
+            data: rgb.into_raw(),
+        })
     }
 }
 
@@ -59,14 +70,20 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let w: Vec<f64> = (xmin..xmax).map(|x| bicubic_filter((x as f64 - center + 0.5) * ss)).collect();
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic_filter((x as f64 - center + 0.5) * ss))
+                .collect();
             let total: f64 = w.iter().sum();
             let k = w
                 .iter()
                 .map(|&v| {
                     let v = if total != 0.0 { v / total } else { v };
                     let scaled = v * (1u32 << PRECISION_BITS) as f64;
-                    if v < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 }
+                    if v < 0.0 {
+                        (scaled - 0.5) as i32
+                    } else {
+                        (scaled + 0.5) as i32
+                    }
                 })
                 .collect();
             (xmin, k)
@@ -96,7 +113,11 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
                 }
             }
         }
-        cur = RgbImage { width: out_w, height: cur.height, data };
+        cur = RgbImage {
+            width: out_w,
+            height: cur.height,
+            data,
+        };
     }
     if out_h != cur.height {
         let coeffs = coefficients(cur.height, out_h);
@@ -113,7 +134,11 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
                 }
             }
         }
-        cur = RgbImage { width: w, height: out_h, data };
+        cur = RgbImage {
+            width: w,
+            height: out_h,
+            data,
+        };
     }
     cur
 }

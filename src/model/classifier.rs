@@ -29,7 +29,10 @@ impl ClassifierKind {
 
 /// The NLVR2 encoder config: `num_hidden_layers` forced to 18 by the reference.
 pub fn nlvr_bert_config(cfg: &ModelConfig) -> BertConfig {
-    BertConfig { num_hidden_layers: cfg.nlvr_layers, ..cfg.bert.clone() }
+    BertConfig {
+        num_hidden_layers: cfg.nlvr_layers,
+        ..cfg.bert.clone()
+    }
 }
 
 struct Branch {
@@ -39,7 +42,12 @@ struct Branch {
 }
 
 impl Branch {
-    fn new(pb: &ParamBuilder, cfg: &ModelConfig, kind: ClassifierKind, suffix: &str) -> Result<Self> {
+    fn new(
+        pb: &ParamBuilder,
+        cfg: &ModelConfig,
+        kind: ClassifierKind,
+        suffix: &str,
+    ) -> Result<Self> {
         let (bert_cfg, layout) = match kind {
             ClassifierKind::VisualEntailment => (cfg.bert.clone(), Layout::Encoder),
             ClassifierKind::Nlvr2 => (nlvr_bert_config(cfg), Layout::SharedCrossKv),
@@ -47,20 +55,36 @@ impl Branch {
         Ok(Self {
             visual: VisionTransformer::new(&pb.pp(format!("visual_encoder{suffix}")), &cfg.vision)?,
             text: BertModel::new(&pb.pp(format!("text_encoder{suffix}")), &bert_cfg, layout)?,
-            head: ClsHead::new(&pb.pp(format!("cls_head{suffix}")), cfg.bert.hidden_size, kind.classes())?,
+            head: ClsHead::new(
+                &pb.pp(format!("cls_head{suffix}")),
+                cfg.bert.hidden_size,
+                kind.classes(),
+            )?,
         })
     }
 
-    fn logits(&self, image: &Tensor, ids: &Tensor, mask: &Tensor, kind: ClassifierKind, train: bool) -> Result<Tensor> {
+    fn logits(
+        &self,
+        image: &Tensor,
+        ids: &Tensor,
+        mask: &Tensor,
+        kind: ClassifierKind,
+        train: bool,
+    ) -> Result<Tensor> {
         let image_embeds = self.visual.forward(image)?;
         let cross = match kind {
             ClassifierKind::VisualEntailment => vec![CrossStates::image(&image_embeds)],
             ClassifierKind::Nlvr2 => {
                 let b = ids.dim(0)?;
-                vec![CrossStates::image(&image_embeds.narrow(0, 0, b)?), CrossStates::image(&image_embeds.narrow(0, b, b)?)]
+                vec![
+                    CrossStates::image(&image_embeds.narrow(0, 0, b)?),
+                    CrossStates::image(&image_embeds.narrow(0, b, b)?),
+                ]
             }
         };
-        let h = self.text.forward_ids(ids, mask, &cross, Mode::MultiModal, train)?;
+        let h = self
+            .text
+            .forward_ids(ids, mask, &cross, Mode::MultiModal, train)?;
         self.head.forward(&cls(&h)?)
     }
 }
@@ -75,7 +99,12 @@ pub struct ClassifierModel {
 }
 
 impl ClassifierModel {
-    pub fn new(cfg: &ModelConfig, kind: ClassifierKind, device: &Device, seed: u64) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        kind: ClassifierKind,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
         let store = ParamStore::new(device, seed);
         let online = Branch::new(&store.root(true), cfg, kind, "")?;
         let (teacher, ema) = if cfg.distill {
@@ -86,7 +115,14 @@ impl ClassifierModel {
         } else {
             (None, None)
         };
-        Ok(Self { store, cfg: cfg.clone(), kind, online, teacher, ema })
+        Ok(Self {
+            store,
+            cfg: cfg.clone(),
+            kind,
+            online,
+            teacher,
+            ema,
+        })
     }
 
     /// Class logits (B, C). For NLVR2 `image` is (2B, 3, R, R): all left images, then all right.
@@ -95,7 +131,15 @@ impl ClassifierModel {
     }
 
     /// `(1−α)·CE + α·soft-CE against the teacher` when distilling, else CE.
-    pub fn forward_train(&self, image: &Tensor, ids: &Tensor, mask: &Tensor, targets: &Tensor, alpha: f64, train: bool) -> Result<Tensor> {
+    pub fn forward_train(
+        &self,
+        image: &Tensor,
+        ids: &Tensor,
+        mask: &Tensor,
+        targets: &Tensor,
+        alpha: f64,
+        train: bool,
+    ) -> Result<Tensor> {
         let logits = self.online.logits(image, ids, mask, self.kind, train)?;
         let ce = cross_entropy(&logits, targets)?;
         match (&self.teacher, &self.ema) {

@@ -45,8 +45,10 @@ impl Default for BertConfig {
 
 impl BertConfig {
     pub fn from_json_file(path: &std::path::Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read BERT config {}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a valid BERT config: {e}", path.display()))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read BERT config {}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid BERT config: {e}", path.display()))
     }
 }
 
@@ -68,7 +70,15 @@ pub struct VisionConfig {
 
 impl Default for VisionConfig {
     fn default() -> Self {
-        Self { patch_size: 16, embed_dim: 768, depth: 12, num_heads: 12, mlp_ratio: 4.0, layer_norm_eps: 1e-6, image_res: 384 }
+        Self {
+            patch_size: 16,
+            embed_dim: 768,
+            depth: 12,
+            num_heads: 12,
+            mlp_ratio: 4.0,
+            layer_norm_eps: 1e-6,
+            image_res: 384,
+        }
     }
 }
 

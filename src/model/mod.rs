@@ -14,5 +14,5 @@ pub mod vqa;
 pub use classifier::{ClassifierKind, ClassifierModel};
 pub use config::{BertConfig, ModelConfig, VisionConfig};
 pub use contrastive_model::{ContrastiveModel, Objective};
-pub use vqa::VqaModel;
 pub use text_assign::TextAssignModel;
+pub use vqa::VqaModel;

@@ -26,7 +26,11 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 
 /// `F.normalize(x, dim=-1)`: x / max(||x||, 1e-12).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
     x.broadcast_div(&norm)
 }
 
@@ -50,7 +54,10 @@ pub fn cross_entropy_per_row(logits: &Tensor, targets: &Tensor) -> Result<Tensor
 
 /// Soft-target cross-entropy per row: −Σ_c target·log_softmax(logits).
 pub fn soft_cross_entropy_per_row(logits: &Tensor, soft_targets: &Tensor) -> Result<Tensor> {
-    log_softmax(logits)?.mul(soft_targets)?.sum(D::Minus1)?.neg()
+    log_softmax(logits)?
+        .mul(soft_targets)?
+        .sum(D::Minus1)?
+        .neg()
 }
 
 /// Dropout with the inverted scaling PyTorch uses; identity when `p == 0` or not training.
@@ -77,7 +84,9 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has at least one dimension");
+        let in_dim = *dims
+            .last()
+            .expect("linear input has at least one dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
@@ -110,7 +119,9 @@ impl LayerNorm {
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -122,7 +133,9 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(pb: &ParamBuilder, num: usize, dim: usize) -> Result<Self> {
-        Ok(Self { weight: pb.get((num, dim), "weight", Init::Normal(0.02))? })
+        Ok(Self {
+            weight: pb.get((num, dim), "weight", Init::Normal(0.02))?,
+        })
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
@@ -137,18 +150,31 @@ impl Embedding {
 
 /// Multi-head scaled dot-product attention on already-projected tensors (B, L, H·dh).
 /// `mask` is additive and broadcast to (B, H, Lq, Lk).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let probs = attention_probs(q, k, heads, mask)?;
     attention_context(&probs, v, heads)
 }
 
 fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, d) = x.dims3()?;
-    x.reshape((b, l, heads, d / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, l, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// softmax(q·kᵀ/√dh + mask): (B, H, Lq, Lk).
-pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let head_dim = q.dim(2)? / heads;
     let q = split_heads(q, heads)?;
     let k = split_heads(k, heads)?;

@@ -56,7 +56,10 @@ impl ParamStore {
             buffers: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
         };
-        Self { inner: Rc::new(RefCell::new(inner)), device: device.clone() }
+        Self {
+            inner: Rc::new(RefCell::new(inner)),
+            device: device.clone(),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -64,7 +67,11 @@ impl ParamStore {
     }
 
     pub fn root(&self, trainable: bool) -> ParamBuilder {
-        ParamBuilder { store: self.clone(), prefix: String::new(), trainable }
+        ParamBuilder {
+            store: self.clone(),
+            prefix: String::new(),
+            trainable,
+        }
     }
 
     pub fn params(&self) -> Vec<Param> {
@@ -83,7 +90,11 @@ impl ParamStore {
         if let Some((_, v)) = inner.buffers.iter().find(|(n, _)| n == name) {
             return Some(v.clone());
         }
-        inner.aliases.iter().find(|(a, _)| a == name).and_then(|(_, t)| inner.index.get(t).map(|&i| inner.params[i].var.clone()))
+        inner
+            .aliases
+            .iter()
+            .find(|(a, _)| a == name)
+            .and_then(|(_, t)| inner.index.get(t).map(|&i| inner.params[i].var.clone()))
     }
 
     /// `(alias, canonical)` pairs: names under which a checkpoint stores a shared parameter.
@@ -92,7 +103,10 @@ impl ParamStore {
     }
 
     pub fn add_alias(&self, alias: &str, canonical: &str) {
-        self.inner.borrow_mut().aliases.push((alias.to_string(), canonical.to_string()));
+        self.inner
+            .borrow_mut()
+            .aliases
+            .push((alias.to_string(), canonical.to_string()));
     }
 
     pub fn buffers(&self) -> Vec<(String, Var)> {
@@ -102,8 +116,17 @@ impl ParamStore {
     /// Every named tensor a checkpoint of this model holds: parameters, then buffers.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let inner = self.inner.borrow();
-        let mut out: Vec<(String, Tensor)> = inner.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
-        out.extend(inner.buffers.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
+        let mut out: Vec<(String, Tensor)> = inner
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect();
+        out.extend(
+            inner
+                .buffers
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
+        );
         out
     }
 
@@ -121,9 +144,15 @@ impl ParamStore {
             Init::NormalizedColumns => {
                 let dims = shape.dims();
                 let (rows, cols) = (dims[0], n / dims[0].max(1));
-                let mut v: Vec<f32> = (0..n).map(|_| inner.rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
+                let mut v: Vec<f32> = (0..n)
+                    .map(|_| inner.rng.sample::<f32, _>(rand_distr::StandardNormal))
+                    .collect();
                 for c in 0..cols {
-                    let norm = (0..rows).map(|r| v[r * cols + c].powi(2)).sum::<f32>().sqrt().max(1e-12);
+                    let norm = (0..rows)
+                        .map(|r| v[r * cols + c].powi(2))
+                        .sum::<f32>()
+                        .sqrt()
+                        .max(1e-12);
                     for r in 0..rows {
                         v[r * cols + c] /= norm;
                     }
@@ -145,7 +174,11 @@ pub struct ParamBuilder {
 
 impl ParamBuilder {
     pub fn pp(&self, name: impl AsRef<str>) -> Self {
-        Self { store: self.store.clone(), prefix: self.path(name.as_ref()), trainable: self.trainable }
+        Self {
+            store: self.store.clone(),
+            prefix: self.path(name.as_ref()),
+            trainable: self.trainable,
+        }
     }
 
     pub fn path(&self, name: &str) -> String {
@@ -180,13 +213,20 @@ impl ParamBuilder {
         let param = match existing {
             Some(p) => {
                 if p.var.shape() != &shape {
-                    candle_core::bail!("parameter {full} requested as {shape:?} but exists as {:?}", p.var.shape())
+                    candle_core::bail!(
+                        "parameter {full} requested as {shape:?} but exists as {:?}",
+                        p.var.shape()
+                    )
                 }
                 p
             }
             None => {
                 let t = self.store.make(&shape, init)?;
-                let p = Param { name: full.clone(), var: Var::from_tensor(&t)?, trainable: self.trainable };
+                let p = Param {
+                    name: full.clone(),
+                    var: Var::from_tensor(&t)?,
+                    trainable: self.trainable,
+                };
                 let mut inner = self.store.inner.borrow_mut();
                 let i = inner.params.len();
                 inner.params.push(p.clone());
@@ -194,15 +234,29 @@ impl ParamBuilder {
                 p
             }
         };
-        Ok(if param.trainable { param.var.as_tensor().clone() } else { param.var.as_tensor().detach() })
+        Ok(if param.trainable {
+            param.var.as_tensor().clone()
+        } else {
+            param.var.as_tensor().detach()
+        })
     }
 
     /// A non-trainable tensor saved with the model (queues, pointers).
-    pub fn buffer(&self, shape: impl Into<Shape>, name: &str, dtype: DType, init: Init) -> Result<Var> {
+    pub fn buffer(
+        &self,
+        shape: impl Into<Shape>,
+        name: &str,
+        dtype: DType,
+        init: Init,
+    ) -> Result<Var> {
         let shape = shape.into();
         let t = self.store.make(&shape, init)?.to_dtype(dtype)?;
         let var = Var::from_tensor(&t)?;
-        self.store.inner.borrow_mut().buffers.push((self.path(name), var.clone()));
+        self.store
+            .inner
+            .borrow_mut()
+            .buffers
+            .push((self.path(name), var.clone()));
         Ok(var)
     }
 }
