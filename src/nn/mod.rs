@@ -3,6 +3,7 @@
 //! candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` have no backward pass and
 //! silently stop gradients, so everything here is composed from primitive ops that do.
 
+mod fused;
 mod params;
 
 pub use params::{Init, ParamBuilder, ParamStore};
@@ -11,6 +12,9 @@ use candle_core::{DType, Result, Tensor, D};
 
 /// Softmax over the last dimension (max-subtracted for stability; the max is a constant).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if fused::usable(x) {
+        return x.contiguous()?.apply_op1(fused::Softmax);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -115,6 +119,9 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused::usable(x) {
+            return x.contiguous()?.apply_op3(&self.weight, &self.bias, fused::LayerNormOp { eps: self.eps });
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -176,9 +183,11 @@ pub fn attention_probs(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let head_dim = q.dim(2)? / heads;
-    let q = split_heads(q, heads)?;
+    // Scaling q (L·dh values) instead of the scores (L·L) is exact for the usual power-of-two
+    // head sizes and much cheaper.
+    let q = (split_heads(q, heads)? * (1.0 / (head_dim as f64).sqrt()))?;
     let k = split_heads(k, heads)?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+    let scores = q.matmul(&k.t()?)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
