@@ -2,7 +2,7 @@
 
 mod common;
 
-use albef::checkpoint::{classify, load_into, read_checkpoint, CheckpointKind, Task};
+use albef::checkpoint::{classify, load_into, read_checkpoint, CheckpointKind, FileFormat, Task};
 use albef::tasks::{load_checkpoint, save_model, TaskModel, TeacherInit};
 use candle_core::{Device, IndexOp};
 use common::*;
@@ -23,6 +23,44 @@ fn values(store: &albef::nn::ParamStore, name: &str) -> Vec<f32> {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap()
+}
+
+#[test]
+fn raw_state_dict_pth_loads_like_the_wrapped_one() {
+    // tests/fixtures/ve_raw.pth = ve/checkpoint.pth without the {'model': …} wrapper
+    // (tools/make_raw_pth.py), the container of the released fine-tuned files.
+    let dev = Device::Cpu;
+    let raw = read_checkpoint(&fixture_dir("ve_raw.pth"), &dev).unwrap();
+    assert_eq!(raw.format, FileFormat::Pth { wrapped: false });
+    let wrapped = read_checkpoint(&fixture_dir("ve").join("checkpoint.pth"), &dev).unwrap();
+    assert_eq!(wrapped.format, FileFormat::Pth { wrapped: true });
+    assert_eq!(
+        raw.tensors.keys().collect::<Vec<_>>(),
+        wrapped.tensors.keys().collect::<Vec<_>>()
+    );
+    let cfg = model_config("ve");
+    let model = TaskModel::new(Task::Ve, &cfg, &dev, 0).unwrap();
+    let report = load_checkpoint(
+        &model,
+        Task::Ve,
+        &cfg,
+        &fixture_dir("ve_raw.pth"),
+        true,
+        TeacherInit::FromLoaded,
+    )
+    .unwrap();
+    assert!(
+        report.missing.is_empty() && report.unexpected.is_empty(),
+        "{report}"
+    );
+    let TaskModel::Classifier(m) = model else {
+        unreachable!()
+    };
+    let io = io("ve");
+    let logits = m
+        .logits(&io["image"], &io["input_ids"], &io["attention_mask"])
+        .unwrap();
+    assert_close("ve logits from raw .pth", &logits, &io["logits"], 1e-5);
 }
 
 #[test]

@@ -61,7 +61,10 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
 }
 
 fn read_pth(path: &Path, device: &Device) -> Result<Checkpoint> {
+    // candle's errors may carry a backtrace after the first line; the first line says it all.
     let corrupt = |e: &dyn std::fmt::Display| {
+        let msg = e.to_string();
+        let e = msg.lines().next().unwrap_or_default();
         anyhow!(
             "checkpoint {} is truncated or corrupt ({e}); download it again",
             path.display()

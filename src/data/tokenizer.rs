@@ -350,3 +350,58 @@ fn vocab_from_tokenizer_json(text: &str) -> Result<Vec<String>> {
     }
     Ok(tokens)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocab() -> Vec<String> {
+        [
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "runn", "##ing",
+            ",", "cafe", "hello", "汉",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    #[test]
+    fn wordpiece_punctuation_accents_and_specials() {
+        let t = Tokenizer::from_tokens(vocab(), true);
+        assert_eq!(
+            t.tokenize("UNaffable, running"),
+            ["un", "##aff", "##able", ",", "runn", "##ing"]
+        );
+        assert_eq!(t.tokenize("Café xyz"), ["cafe", "[UNK]"]);
+        assert_eq!(
+            t.tokenize("hello[SEP]汉字"),
+            ["hello", "[SEP]", "汉", "[UNK]"]
+        );
+        // No trailing [SEP]; ids of this toy vocab put [CLS] at 2.
+        assert_eq!(t.encode("hello", None).len(), 2);
+    }
+
+    #[test]
+    fn reads_tokenizer_json_folder() {
+        let dir = std::env::temp_dir().join(format!("albef-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut vocab = serde_json::Map::new();
+        let mut tokens: Vec<String> = (0..104).map(|i| format!("[unused{i}]")).collect();
+        tokens[0] = "[PAD]".into();
+        tokens[100] = "[UNK]".into();
+        tokens[101] = "[CLS]".into();
+        tokens[102] = "[SEP]".into();
+        tokens[103] = "[MASK]".into();
+        tokens.push("dog".into());
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), serde_json::json!(i));
+        }
+        let json = serde_json::json!({"model": {"type": "WordPiece", "vocab": vocab}});
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+        let t = Tokenizer::from_path(&dir).unwrap();
+        assert_eq!(t.encode("Dog", None), vec![CLS, 104]);
+        std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+        let e = Tokenizer::from_path(&dir).unwrap_err().to_string();
+        assert!(e.contains("neither vocab.txt nor tokenizer.json"), "{e}");
+    }
+}

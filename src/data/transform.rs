@@ -160,3 +160,47 @@ pub fn eval_transform(img: &RgbImage, res: usize, device: &Device) -> candle_cor
     let resized = resize_bicubic(img, res, res);
     Tensor::from_vec(to_normalized_chw(&resized), (3, res, res), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grey_rgba_and_jpeg_become_rgb() {
+        let dir = std::env::temp_dir().join(format!("albef-img-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let grey = image::GrayImage::from_fn(5, 4, |x, y| image::Luma([(x * 40 + y) as u8]));
+        grey.save(dir.join("grey.png")).unwrap();
+        let img = RgbImage::open(&dir.join("grey.png")).unwrap();
+        assert_eq!((img.width, img.height), (5, 4));
+        assert_eq!(&img.data[3 * 6..3 * 6 + 3], &[41, 41, 41]);
+        let rgba = image::RgbaImage::from_fn(3, 2, |x, _| image::Rgba([10 * x as u8, 20, 30, 0]));
+        rgba.save(dir.join("rgba.png")).unwrap();
+        let img = RgbImage::open(&dir.join("rgba.png")).unwrap();
+        assert_eq!(&img.data[3..6], &[10, 20, 30], "alpha dropped, colour kept");
+        let rgb = image::RgbImage::from_fn(16, 16, |_, _| image::Rgb([200, 100, 50]));
+        rgb.save(dir.join("flat.jpg")).unwrap();
+        let img = RgbImage::open(&dir.join("flat.jpg")).unwrap();
+        assert!(
+            img.data
+                .chunks(3)
+                .all(|p| (p[0] as i32 - 200).abs() <= 3 && (p[1] as i32 - 100).abs() <= 3),
+            "JPEG decoded"
+        );
+        let t = eval_transform(&img, 8, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[3, 8, 8]);
+        std::fs::write(dir.join("broken.jpg"), b"\xff\xd8\xff\xe0 not really").unwrap();
+        let e = RgbImage::open(&dir.join("broken.jpg")).unwrap_err();
+        assert!(format!("{e:#}").contains("broken.jpg"), "{e:#}");
+    }
+
+    #[test]
+    fn resize_to_same_size_is_identity() {
+        let img = RgbImage {
+            width: 2,
+            height: 2,
+            data: (0..12).collect(),
+        };
+        assert_eq!(resize_bicubic(&img, 2, 2), img);
+    }
+}

@@ -120,7 +120,11 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fused::usable(x) {
-            return x.contiguous()?.apply_op3(&self.weight, &self.bias, fused::LayerNormOp { eps: self.eps });
+            return x.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                fused::LayerNormOp { eps: self.eps },
+            );
         }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
