@@ -27,6 +27,8 @@ pub struct TaskConfig {
     pub decoder_layers: Option<usize>,
     /// albef extension: NLVR2 encoder depth (the reference hard-codes 18).
     pub nlvr_layers: Option<usize>,
+    /// albef extension: random-initialisation std (0.02 as the reference).
+    pub init_std: Option<f64>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
     /// Folder of the YAML file, for resolving relative paths.
@@ -67,6 +69,76 @@ impl TaskConfig {
                         .join(", ")
                 )
             })
+    }
+
+    /// Errors listing every key of `keys` the config lacks.
+    pub fn require(&self, source: &Path, keys: &[&str]) -> Result<()> {
+        let known = serde_json::to_value(self)?;
+        let missing: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| known.get(*k).is_none_or(|v| v.is_null()))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "config {} is missing {}: {}",
+                source.display(),
+                if missing.len() == 1 { "a key" } else { "keys" },
+                missing.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    fn extra_value(&self, key: &str) -> Result<&serde_json::Value> {
+        self.extra
+            .get(key)
+            .with_context(|| format!("config has no '{key}'"))
+    }
+
+    pub fn str(&self, key: &str) -> Result<String> {
+        self.extra_value(key)?
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("config key '{key}' must be a string"))
+    }
+
+    /// A path or a list of paths (`train_file`).
+    pub fn strings(&self, key: &str) -> Result<Vec<String>> {
+        match self.extra_value(key)? {
+            serde_json::Value::String(s) => Ok(vec![s.clone()]),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .with_context(|| format!("config key '{key}' must list strings"))
+                })
+                .collect(),
+            _ => bail!("config key '{key}' must be a string or a list of strings"),
+        }
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.extra_value(key)?
+            .as_u64()
+            .map(|v| v as usize)
+            .with_context(|| format!("config key '{key}' must be a non-negative integer"))
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.extra.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .with_context(|| format!("config key '{key}' must be True or False")),
+        }
+    }
+
+    /// A nested block (`optimizer:`, `schedular:`) as a typed struct.
+    pub fn block<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        serde_json::from_value(self.extra_value(key)?.clone())
+            .with_context(|| format!("config block '{key}' is malformed"))
     }
 
     /// The model sizes this config describes.
@@ -110,6 +182,7 @@ impl TaskConfig {
             distill: self.distill.unwrap_or(d.distill),
             decoder_layers: self.decoder_layers.unwrap_or(d.decoder_layers),
             nlvr_layers: self.nlvr_layers.unwrap_or(d.nlvr_layers),
+            init_std: self.init_std.unwrap_or(d.init_std),
         })
     }
 }

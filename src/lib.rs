@@ -12,4 +12,5 @@ pub mod eval;
 pub mod model;
 pub mod nn;
 pub mod tasks;
+pub mod train;
 pub mod util;

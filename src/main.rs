@@ -21,6 +21,11 @@ enum Command {
     /// Inspect checkpoint files.
     #[command(subcommand)]
     Checkpoint(cli::checkpoint::CheckpointCommand),
+    /// Image-text retrieval: fine-tune and evaluate (Flickr30K, COCO), as Retrieval.py.
+    Retrieval(cli::retrieval::RetrievalArgs),
+    /// Datasets: generate the synthetic one.
+    #[command(subcommand)]
+    Data(cli::data::DataCommand),
     /// Forward-throughput benchmarks of the full-size encoders on this machine.
     Bench(cli::bench::BenchArgs),
 }
@@ -29,6 +34,8 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Checkpoint(c) => cli::checkpoint::run(c),
+        Command::Retrieval(a) => cli::retrieval::run_cli(a),
+        Command::Data(c) => cli::data::run(c),
         Command::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {

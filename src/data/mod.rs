@@ -1,5 +1,10 @@
 //! Data: tokenizer, caption normalisation, image transforms.
 
+pub mod annotations;
+pub mod augment;
+pub mod loader;
+pub mod retrieval;
+pub mod synth;
 pub mod text;
 pub mod tokenizer;
 pub mod transform;

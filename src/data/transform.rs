@@ -155,10 +155,14 @@ pub fn to_normalized_chw(img: &RgbImage) -> Vec<f32> {
     out
 }
 
-/// The reference's test transform at resolution `res`: (3, res, res).
+/// The reference's test transform at resolution `res`: (3, res, res) values.
+pub fn eval_transform_host(img: &RgbImage, res: usize) -> Vec<f32> {
+    to_normalized_chw(&resize_bicubic(img, res, res))
+}
+
+/// [`eval_transform_host`] as a tensor.
 pub fn eval_transform(img: &RgbImage, res: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let resized = resize_bicubic(img, res, res);
-    Tensor::from_vec(to_normalized_chw(&resized), (3, res, res), device)
+    Tensor::from_vec(eval_transform_host(img, res), (3, res, res), device)
 }
 
 #[cfg(test)]

@@ -73,3 +73,84 @@ pub fn score_matrices(
     }
     Ok((i2t, t2i))
 }
+
+/// Named metrics in the reference's order.
+pub type Metrics = indexmap::IndexMap<String, f64>;
+
+/// Rank of each query's best ground-truth item in its score row (0 = first).
+fn best_rank(scores: &[f32], truth: &[usize]) -> usize {
+    // `np.argsort(score)[::-1]`: descending; position of the first ground-truth item.
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| {
+        scores[b]
+            .partial_cmp(&scores[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    order
+        .iter()
+        .position(|i| truth.contains(i))
+        .unwrap_or(order.len())
+}
+
+fn recall(ranks: &[usize], k: usize) -> f64 {
+    100.0 * ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len().max(1) as f64
+}
+
+/// `itm_eval`: R@1/5/10 both ways and their means.
+pub fn itm_eval(i2t: &Scores, t2i: &Scores, txt2img: &[usize], img2txt: &[Vec<usize>]) -> Metrics {
+    let tr: Vec<usize> = i2t
+        .iter()
+        .zip(img2txt)
+        .map(|(row, truth)| best_rank(row, truth))
+        .collect();
+    let ir: Vec<usize> = t2i
+        .iter()
+        .zip(txt2img)
+        .map(|(row, &truth)| best_rank(row, &[truth]))
+        .collect();
+    let (tr1, tr5, tr10) = (recall(&tr, 1), recall(&tr, 5), recall(&tr, 10));
+    let (ir1, ir5, ir10) = (recall(&ir, 1), recall(&ir, 5), recall(&ir, 10));
+    let (tr_mean, ir_mean) = ((tr1 + tr5 + tr10) / 3.0, (ir1 + ir5 + ir10) / 3.0);
+    [
+        ("txt_r1", tr1),
+        ("txt_r5", tr5),
+        ("txt_r10", tr10),
+        ("txt_r_mean", tr_mean),
+        ("img_r1", ir1),
+        ("img_r5", ir5),
+        ("img_r10", ir10),
+        ("img_r_mean", ir_mean),
+        ("r_mean", (tr_mean + ir_mean) / 2.0),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recall_at_k_by_hand() {
+        // 2 images, 4 texts (2 each). Image 0 ranks its text 1 first; image 1 ranks its texts
+        // after both of image 0's (rank 2).
+        let i2t = vec![vec![0.1, 0.9, 0.2, 0.0], vec![0.8, 0.7, 0.1, 0.3]];
+        let img2txt = vec![vec![0, 1], vec![2, 3]];
+        // Texts 0, 1 prefer image 0; text 2 prefers image 0 (wrong); text 3 prefers image 1.
+        let t2i = vec![
+            vec![0.9, 0.1],
+            vec![0.8, 0.2],
+            vec![0.6, 0.4],
+            vec![0.1, 0.9],
+        ];
+        let txt2img = vec![0, 0, 1, 1];
+        let m = itm_eval(&i2t, &t2i, &txt2img, &img2txt);
+        assert_eq!(m["txt_r1"], 50.0);
+        assert_eq!(m["txt_r5"], 100.0);
+        assert_eq!(m["img_r1"], 75.0);
+        assert_eq!(m["img_r5"], 100.0);
+        assert!((m["r_mean"] - (250.0 / 3.0 + 275.0 / 3.0) / 2.0).abs() < 1e-9);
+        assert_eq!(m.keys().next().unwrap(), "txt_r1");
+    }
+}

@@ -106,6 +106,7 @@ impl ClassifierModel {
         seed: u64,
     ) -> Result<Self> {
         let store = ParamStore::new(device, seed);
+        store.set_init_std(cfg.init_std);
         let online = Branch::new(&store.root(true), cfg, kind, "")?;
         let (teacher, ema) = if cfg.distill {
             let t = Branch::new(&store.root(false), cfg, kind, "_m")?;

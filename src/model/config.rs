@@ -110,6 +110,9 @@ pub struct ModelConfig {
     pub decoder_layers: usize,
     /// Layers of the NLVR2 encoder (the reference hard-codes 18).
     pub nlvr_layers: usize,
+    /// Standard deviation of the random initialisation (0.02 as the reference; only matters for
+    /// weights no checkpoint provides).
+    pub init_std: f64,
 }
 
 impl Default for ModelConfig {
@@ -124,6 +127,7 @@ impl Default for ModelConfig {
             distill: true,
             decoder_layers: 6,
             nlvr_layers: 18,
+            init_std: 0.02,
         }
     }
 }

@@ -141,6 +141,7 @@ impl ContrastiveModel {
         seed: u64,
     ) -> Result<Self> {
         let store = ParamStore::new(device, seed);
+        store.set_init_std(cfg.init_std);
         let pb = store.root(true);
         pb.get((), "temp", Init::Const(cfg.temp))?;
         let temp = store.get("temp").expect("temp was just created");

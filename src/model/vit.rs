@@ -62,13 +62,9 @@ impl VisionTransformer {
         let (d, p) = (cfg.embed_dim, cfg.patch_size);
         let patch = pb.pp("patch_embed.proj");
         Ok(Self {
-            cls_token: pb.get((1, 1, d), "cls_token", Init::Normal(0.02))?,
-            pos_embed: pb.get(
-                (1, cfg.num_patches() + 1, d),
-                "pos_embed",
-                Init::Normal(0.02),
-            )?,
-            patch_weight: patch.get((d, 3, p, p), "weight", Init::Normal(0.02))?,
+            cls_token: pb.get((1, 1, d), "cls_token", Init::Standard)?,
+            pos_embed: pb.get((1, cfg.num_patches() + 1, d), "pos_embed", Init::Standard)?,
+            patch_weight: patch.get((d, 3, p, p), "weight", Init::Standard)?,
             patch_bias: patch.get(d, "bias", Init::Zeros)?,
             blocks: (0..cfg.depth)
                 .map(|i| Block::new(&pb.pp(format!("blocks.{i}")), cfg))

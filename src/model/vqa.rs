@@ -146,6 +146,7 @@ pub struct Ranking {
 impl VqaModel {
     pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
         let store = ParamStore::new(device, seed);
+        store.set_init_std(cfg.init_std);
         let online = Branch::new(&store.root(true), cfg, "")?;
         let (teacher, ema) = if cfg.distill {
             let t = Branch::new(&store.root(false), cfg, "_m")?;

@@ -64,12 +64,38 @@ pub fn soft_cross_entropy_per_row(logits: &Tensor, soft_targets: &Tensor) -> Res
         .neg()
 }
 
+thread_local! {
+    /// Dropout masks come from this generator (not candle's unseeded one), so training runs are
+    /// reproducible: the training loop reseeds it at the start of every epoch.
+    static DROPOUT_RNG: std::cell::RefCell<rand::rngs::StdRng> =
+        std::cell::RefCell::new(rand::SeedableRng::seed_from_u64(0));
+}
+
+/// Reseeds this thread's dropout generator.
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = rand::SeedableRng::seed_from_u64(seed));
+}
+
 /// Dropout with the inverted scaling PyTorch uses; identity when `p == 0` or not training.
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !train || p == 0.0 {
         return Ok(x.clone());
     }
-    candle_nn::ops::dropout(x, p)
+    let n = x.elem_count();
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..n)
+            .map(|_| {
+                if rand::Rng::random::<f32>(&mut *r) < p {
+                    0.0
+                } else {
+                    scale
+                }
+            })
+            .collect()
+    });
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }
 
 /// Linear layer, weight stored (out, in) as in PyTorch.
@@ -81,7 +107,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(pb: &ParamBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let weight = pb.get((out_dim, in_dim), "weight", Init::Normal(0.02))?;
+        let weight = pb.get((out_dim, in_dim), "weight", Init::Standard)?;
         let bias = Some(pb.get(out_dim, "bias", Init::Zeros)?);
         Ok(Self { weight, bias })
     }
@@ -145,7 +171,7 @@ pub struct Embedding {
 impl Embedding {
     pub fn new(pb: &ParamBuilder, num: usize, dim: usize) -> Result<Self> {
         Ok(Self {
-            weight: pb.get((num, dim), "weight", Init::Normal(0.02))?,
+            weight: pb.get((num, dim), "weight", Init::Standard)?,
         })
     }
 

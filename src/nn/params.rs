@@ -22,6 +22,9 @@ pub enum Init {
     Normal(f64),
     /// Standard normal, L2-normalised along dim 0 (the ITC queues).
     NormalizedColumns,
+    /// Normal(0, the store's `init_std`): 0.02 as BERT and timm use, unless the config says
+    /// otherwise (small models trained from scratch need a larger one).
+    Standard,
 }
 
 #[derive(Clone, Debug)]
@@ -38,6 +41,7 @@ struct Inner {
     aliases: Vec<(String, String)>,
     buffers: Vec<(String, Var)>,
     rng: StdRng,
+    init_std: f64,
 }
 
 /// All parameters and buffers of one model, in construction order.
@@ -55,11 +59,17 @@ impl ParamStore {
             aliases: Vec::new(),
             buffers: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
+            init_std: 0.02,
         };
         Self {
             inner: Rc::new(RefCell::new(inner)),
             device: device.clone(),
         }
+    }
+
+    /// Sets the standard deviation of [`Init::Standard`] for parameters created from now on.
+    pub fn set_init_std(&self, std: f64) {
+        self.inner.borrow_mut().init_std = std;
     }
 
     pub fn device(&self) -> &Device {
@@ -133,6 +143,10 @@ impl ParamStore {
     fn make(&self, shape: &Shape, init: Init) -> Result<Tensor> {
         let n = shape.elem_count();
         let mut inner = self.inner.borrow_mut();
+        let init = match init {
+            Init::Standard => Init::Normal(inner.init_std),
+            other => other,
+        };
         let data: Vec<f32> = match init {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
@@ -141,6 +155,7 @@ impl ParamStore {
                 let dist = Normal::new(0.0f32, std as f32).expect("valid std");
                 (0..n).map(|_| dist.sample(&mut inner.rng)).collect()
             }
+            Init::Standard => unreachable!("resolved above"),
             Init::NormalizedColumns => {
                 let dims = shape.dims();
                 let (rows, cols) = (dims[0], n / dims[0].max(1));

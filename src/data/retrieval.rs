@@ -1,0 +1,143 @@
+//! Retrieval datasets (`dataset/caption_dataset.py`): `re_train` (one entry per caption, image ids
+//! mapped to consecutive ints) and `re_eval` (one entry per image with its captions).
+
+use super::annotations::{entries, read_list};
+use super::augment::train_augment;
+use super::loader::Dataset;
+use super::text::pre_caption;
+use super::transform::{eval_transform_host, RgbImage};
+use anyhow::{Context, Result};
+use rand::rngs::StdRng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// An image with the annotation it came from, for error messages.
+#[derive(Clone, Debug)]
+pub struct ImageRef {
+    pub path: PathBuf,
+    pub origin: String,
+}
+
+impl ImageRef {
+    pub fn open(&self) -> Result<RgbImage> {
+        RgbImage::open(&self.path).with_context(|| format!("image of {}", self.origin))
+    }
+}
+
+/// One training sample: (C, R, R) pixels, caption, image index.
+pub struct TrainSample {
+    pub pixels: Vec<f32>,
+    pub caption: String,
+    pub idx: i64,
+}
+
+pub struct RetrievalTrain {
+    entries: Vec<(ImageRef, String, i64)>,
+    res: usize,
+    scale_min: f64,
+}
+
+impl RetrievalTrain {
+    pub fn new(files: &[PathBuf], image_root: &Path, res: usize, max_words: usize) -> Result<Self> {
+        let mut ids: HashMap<String, i64> = HashMap::new();
+        let mut out = Vec::new();
+        for file in files {
+            let items = read_list(file)?;
+            for e in entries(file, &items) {
+                let image = e.str("image")?;
+                let caption = e.str("caption")?;
+                // Any JSON value identifies the image; ids become 0, 1, … in order of appearance.
+                let key = e.get("image_id")?.to_string();
+                let n = ids.len() as i64;
+                let idx = *ids.entry(key).or_insert(n);
+                out.push((
+                    ImageRef {
+                        path: image_root.join(image),
+                        origin: e.location(),
+                    },
+                    pre_caption(caption, max_words),
+                    idx,
+                ));
+            }
+        }
+        Ok(Self {
+            entries: out,
+            res,
+            scale_min: 0.5,
+        })
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| e.2)
+            .max()
+            .map_or(0, |m| m as usize + 1)
+    }
+}
+
+impl Dataset for RetrievalTrain {
+    type Item = TrainSample;
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+    fn get(&self, index: usize, rng: &mut StdRng) -> Result<TrainSample> {
+        let (image, caption, idx) = &self.entries[index];
+        let img = train_augment(&image.open()?, self.res, self.scale_min, rng);
+        Ok(TrainSample {
+            pixels: super::transform::to_normalized_chw(&img),
+            caption: caption.clone(),
+            idx: *idx,
+        })
+    }
+}
+
+/// An evaluation split: images, all their captions, and the ground truth in both directions.
+pub struct RetrievalEval {
+    pub images: Vec<ImageRef>,
+    pub texts: Vec<String>,
+    pub img2txt: Vec<Vec<usize>>,
+    pub txt2img: Vec<usize>,
+    res: usize,
+}
+
+impl RetrievalEval {
+    pub fn new(file: &Path, image_root: &Path, res: usize, max_words: usize) -> Result<Self> {
+        let items = read_list(file)?;
+        let (mut images, mut texts, mut img2txt, mut txt2img) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for e in entries(file, &items) {
+            let image = e.str("image")?;
+            let captions = e.strings("caption")?;
+            let img_id = images.len();
+            images.push(ImageRef {
+                path: image_root.join(image),
+                origin: e.location(),
+            });
+            let mut mine = Vec::new();
+            for c in captions {
+                mine.push(texts.len());
+                txt2img.push(img_id);
+                texts.push(pre_caption(c, max_words));
+            }
+            img2txt.push(mine);
+        }
+        Ok(Self {
+            images,
+            texts,
+            img2txt,
+            txt2img,
+            res,
+        })
+    }
+}
+
+impl Dataset for RetrievalEval {
+    type Item = Vec<f32>;
+    fn len(&self) -> usize {
+        self.images.len()
+    }
+    fn get(&self, index: usize, _rng: &mut StdRng) -> Result<Vec<f32>> {
+        Ok(eval_transform_host(&self.images[index].open()?, self.res))
+    }
+}

@@ -1,0 +1,370 @@
+//! Image-text retrieval (`Retrieval.py`): fine-tune with ITC + ITM, evaluate with the ITC top-k
+//! re-ranked by ITM, on Flickr30K / COCO layouts; zero-shot is evaluating any checkpoint on
+//! another dataset's config.
+
+use crate::checkpoint::Task;
+use crate::config::TaskConfig;
+use crate::data::loader::{Dataset, Loader, LoaderConfig};
+use crate::data::retrieval::{RetrievalEval, RetrievalTrain, TrainSample};
+use crate::data::{Padding, Tokenizer};
+use crate::eval::retrieval::{itm_eval, score_matrices, Encoded, Metrics, Scores};
+use crate::model::ContrastiveModel;
+use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
+use crate::train::optim::AdamW;
+use crate::train::run::{RunDir, TrainState, BEST, LAST};
+use crate::train::schedule::ScheduleConfig;
+use crate::train::{train_epoch, LoopConfig, Progress};
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Everything `albef retrieval` takes.
+#[derive(Clone, Debug)]
+pub struct RetrievalOptions {
+    pub config: PathBuf,
+    pub output_dir: PathBuf,
+    pub text_encoder: PathBuf,
+    pub checkpoint: Option<PathBuf>,
+    pub evaluate: bool,
+    pub resume: bool,
+    pub save_scores: bool,
+    pub seed: u64,
+    pub device: Device,
+    /// Loader worker threads (default: one per core).
+    pub workers: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct OptimizerConfig {
+    #[allow(dead_code)]
+    opt: Option<String>,
+    lr: f64,
+    weight_decay: f64,
+}
+
+const TEXT_MAX_WORDS: usize = 30;
+const EVAL_TEXT_LEN: usize = 30;
+const EVAL_TEXT_BATCH: usize = 256;
+
+fn paths(cfg: &TaskConfig, key: &str) -> Result<Vec<PathBuf>> {
+    cfg.strings(key)?.iter().map(|p| cfg.resolve(p)).collect()
+}
+
+/// Encodes a split and scores it (§4).
+pub fn evaluate_split(
+    model: &ContrastiveModel,
+    split: Arc<RetrievalEval>,
+    tokenizer: &Tokenizer,
+    batch_size: usize,
+    k_test: usize,
+    workers: Option<usize>,
+    name: &str,
+) -> Result<(Metrics, Scores, Scores)> {
+    let dev = model.store.device().clone();
+    let res = model.cfg.vision.image_res;
+    let mut text_feats = Vec::new();
+    let mut text_masks = Vec::new();
+    let mut text_embeds = Vec::new();
+    for chunk in split.texts.chunks(EVAL_TEXT_BATCH) {
+        let (ids, mask) = tokenizer
+            .encode_batch(chunk, Padding::MaxLength(EVAL_TEXT_LEN))
+            .to_tensors(&dev)?;
+        let (feats, embeds) = model.encode_text(&ids, &mask)?;
+        text_feats.push(feats);
+        text_masks.push(mask);
+        text_embeds.push(embeds);
+    }
+    let mut cfg = LoaderConfig::eval(batch_size);
+    if let Some(w) = workers {
+        cfg.workers = w;
+    }
+    let loader = Loader::new(split.clone(), cfg);
+    let progress = Progress::new(
+        &format!("Evaluation ({name}) images"),
+        loader.num_batches(0),
+    );
+    let (mut image_feats, mut image_embeds) = (Vec::new(), Vec::new());
+    for (i, batch) in loader.epoch(0, 0).enumerate() {
+        let batch = batch?;
+        let images = stack_images(&batch, res, &dev)?;
+        let (feats, embeds) = model.encode_image(&images)?;
+        image_feats.push(feats);
+        image_embeds.push(embeds);
+        progress.step(i, String::new);
+    }
+    progress.finish();
+    let enc = Encoded {
+        image_feats: Tensor::cat(&image_feats, 0)?,
+        image_embeds: Tensor::cat(&image_embeds, 0)?,
+        text_feats: Tensor::cat(&text_feats, 0)?,
+        text_mask: Tensor::cat(&text_masks, 0)?,
+        text_embeds: Tensor::cat(&text_embeds, 0)?,
+    };
+    let (i2t, t2i) = score_matrices(model, &enc, k_test)?;
+    let metrics = itm_eval(&i2t, &t2i, &split.txt2img, &split.img2txt);
+    Ok((metrics, i2t, t2i))
+}
+
+pub fn stack_images(batch: &[Vec<f32>], res: usize, dev: &Device) -> Result<Tensor> {
+    let flat: Vec<f32> = batch.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (batch.len(), 3, res, res), dev)?)
+}
+
+fn save_scores(run: &RunDir, split: &str, i2t: &Scores, t2i: &Scores) -> Result<()> {
+    let mut sd = crate::checkpoint::StateDict::new();
+    sd.insert("score_i2t".into(), Tensor::new(i2t.clone(), &Device::Cpu)?);
+    sd.insert("score_t2i".into(), Tensor::new(t2i.clone(), &Device::Cpu)?);
+    crate::checkpoint::save_safetensors(
+        &sd,
+        &Default::default(),
+        &run.file(&format!("scores_{split}.safetensors")),
+    )
+}
+
+fn prefixed(prefix: &str, m: &Metrics) -> serde_json::Map<String, serde_json::Value> {
+    m.iter()
+        .map(|(k, v)| (format!("{prefix}_{k}"), json!(v)))
+        .collect()
+}
+
+fn print_metrics(split: &str, m: &Metrics) {
+    let cells: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+    eprintln!("{split}: {}", cells.join("  "));
+}
+
+/// Runs `albef retrieval`: trains (unless `evaluate`) and evaluates. Returns the metrics written
+/// to `metrics.json`.
+pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
+    let cfg = TaskConfig::from_yaml_file(&opts.config)?;
+    let mut required = vec![
+        "val_file",
+        "test_file",
+        "image_root",
+        "batch_size_test",
+        "k_test",
+        "image_res",
+    ];
+    if !opts.evaluate {
+        required.extend([
+            "train_file",
+            "batch_size_train",
+            "optimizer",
+            "schedular",
+            "alpha",
+        ]);
+    }
+    cfg.require(&opts.config, &required)?;
+    let model_cfg = cfg.model_config()?;
+    let res = model_cfg.vision.image_res;
+    let image_root = PathBuf::from(cfg.str("image_root")?);
+    let k_test = cfg.k_test.context("k_test")?;
+    let batch_test = cfg.usize("batch_size_test")?;
+    let tokenizer = Tokenizer::from_path(&opts.text_encoder)?;
+    if tokenizer.vocab_size() != model_cfg.bert.vocab_size {
+        anyhow::bail!(
+            "the tokenizer in {} has {} tokens but bert_config says vocab_size {}",
+            opts.text_encoder.display(),
+            tokenizer.vocab_size(),
+            model_cfg.bert.vocab_size
+        );
+    }
+    // Read every annotation file before creating outputs, so bad input leaves nothing behind.
+    let val = Arc::new(RetrievalEval::new(
+        &cfg.resolve(&cfg.str("val_file")?)?,
+        &image_root,
+        res,
+        TEXT_MAX_WORDS,
+    )?);
+    let test = Arc::new(RetrievalEval::new(
+        &cfg.resolve(&cfg.str("test_file")?)?,
+        &image_root,
+        res,
+        TEXT_MAX_WORDS,
+    )?);
+    let train = if opts.evaluate {
+        None
+    } else {
+        Some(Arc::new(RetrievalTrain::new(
+            &paths(&cfg, "train_file")?,
+            &image_root,
+            res,
+            TEXT_MAX_WORDS,
+        )?))
+    };
+
+    let task_model = TaskModel::new(Task::Retrieval, &model_cfg, &opts.device, opts.seed)?;
+    if let Some(ckpt) = &opts.checkpoint {
+        let report = load_checkpoint(
+            &task_model,
+            Task::Retrieval,
+            &model_cfg,
+            ckpt,
+            opts.evaluate,
+            TeacherInit::FromLoaded,
+        )?;
+        eprint!("{report}");
+    }
+    let TaskModel::Contrastive(model) = task_model else {
+        unreachable!("retrieval builds the contrastive model")
+    };
+    let run_dir = RunDir::create(&opts.output_dir)?;
+    run_dir.write_text("config.yaml", &serde_norway::to_string(&cfg)?)?;
+
+    if opts.evaluate {
+        let mut out = serde_json::Map::new();
+        let mut record = serde_json::Map::new();
+        for (name, split) in [("val", &val), ("test", &test)] {
+            let (m, i2t, t2i) = evaluate_split(
+                &model,
+                split.clone(),
+                &tokenizer,
+                batch_test,
+                k_test,
+                opts.workers,
+                name,
+            )?;
+            print_metrics(name, &m);
+            if opts.save_scores {
+                save_scores(&run_dir, name, &i2t, &t2i)?;
+            }
+            record.extend(prefixed(name, &m));
+            out.insert(name.into(), json!(m));
+        }
+        record.insert("epoch".into(), json!(0));
+        run_dir.log(&serde_json::Value::Object(record))?;
+        let out = serde_json::Value::Object(out);
+        run_dir.write_json("metrics.json", &out)?;
+        return Ok(out);
+    }
+
+    let train = train.expect("built when training");
+    let opt_cfg: OptimizerConfig = cfg.block("optimizer")?;
+    let schedule: ScheduleConfig = cfg.block("schedular")?;
+    let loop_cfg = LoopConfig {
+        schedule: schedule.clone(),
+        alpha: cfg.alpha.context("alpha")?,
+        warm_up: cfg.bool_or("warm_up", true)?,
+        seed: opts.seed,
+    };
+    let mut optimizer = AdamW::new(&model.store, opt_cfg.weight_decay)?;
+    let _ = opt_cfg.lr; // the schedule's `lr` drives the rate, as in the reference
+    let mut loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed);
+    if let Some(w) = opts.workers {
+        loader_cfg.workers = w;
+    }
+    let loader = Loader::new(train.clone(), loader_cfg);
+    let mut state = if opts.resume {
+        run_dir.resume(&model.store, &mut optimizer, &opts.device)?
+    } else {
+        TrainState::default()
+    };
+    if opts.resume {
+        eprintln!(
+            "resuming after epoch {} (best val r_mean {:?})",
+            state.epochs_done.saturating_sub(1),
+            state.best_metric
+        );
+    }
+    let dev = opts.device.clone();
+    let mut best_val: Option<Metrics> = None;
+    for epoch in state.epochs_done..schedule.epochs {
+        let iters = loader.num_batches(epoch as u64);
+        if iters == 0 {
+            anyhow::bail!(
+                "the training set has fewer captions ({}) than one batch",
+                train.len()
+            );
+        }
+        let stats = train_epoch(
+            &loop_cfg,
+            &mut optimizer,
+            epoch,
+            loader.epoch(epoch as u64, 0),
+            iters,
+            |batch: Vec<TrainSample>, alpha, rng| {
+                let pixels: Vec<Vec<f32>> = batch.iter().map(|s| s.pixels.clone()).collect();
+                let image = stack_images(&pixels, res, &dev)?;
+                let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
+                // `padding='longest', max_length=30` without truncation: max_length has no effect.
+                let (ids, mask) = tokenizer
+                    .encode_batch(&captions, Padding::Longest { truncate_to: None })
+                    .to_tensors(&dev)?;
+                let idx = Tensor::from_vec(
+                    batch.iter().map(|s| s.idx).collect::<Vec<i64>>(),
+                    batch.len(),
+                    &dev,
+                )?;
+                let l =
+                    model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
+                Ok(vec![("ita", l.ita), ("itm", l.itm)])
+            },
+        )?;
+        let (val_m, _, _) = evaluate_split(
+            &model,
+            val.clone(),
+            &tokenizer,
+            batch_test,
+            k_test,
+            opts.workers,
+            "val",
+        )?;
+        print_metrics(&format!("epoch {epoch} val"), &val_m);
+        let mut record: serde_json::Map<String, serde_json::Value> = stats
+            .iter()
+            .map(|(k, v)| (format!("train_{k}"), json!(v)))
+            .collect();
+        record.extend(prefixed("val", &val_m));
+        record.insert("epoch".into(), json!(epoch));
+        run_dir.log(&serde_json::Value::Object(record))?;
+        state.epochs_done = epoch + 1;
+        state.optimizer_step = optimizer.step;
+        if state.best_metric.is_none_or(|b| val_m["r_mean"] > b) {
+            state.best_metric = Some(val_m["r_mean"]);
+            state.best_epoch = Some(epoch);
+            run_dir.save_checkpoint(BEST, "retrieval", &model.store, None, &state)?;
+            best_val = Some(val_m.clone());
+        }
+        run_dir.save_checkpoint(LAST, "retrieval", &model.store, Some(&optimizer), &state)?;
+    }
+    // Test with the best checkpoint.
+    let best_path = run_dir.file(BEST);
+    let ckpt = crate::checkpoint::read_checkpoint(&best_path, &opts.device)?;
+    crate::checkpoint::load_into(&model.store, &ckpt.tensors)?;
+    let best_val = match best_val {
+        Some(v) => v,
+        None => {
+            evaluate_split(
+                &model,
+                val.clone(),
+                &tokenizer,
+                batch_test,
+                k_test,
+                opts.workers,
+                "val",
+            )?
+            .0
+        }
+    };
+    let (test_m, i2t, t2i) = evaluate_split(
+        &model,
+        test.clone(),
+        &tokenizer,
+        batch_test,
+        k_test,
+        opts.workers,
+        "test",
+    )?;
+    print_metrics("test (best epoch)", &test_m);
+    if opts.save_scores {
+        save_scores(&run_dir, "test", &i2t, &t2i)?;
+    }
+    let mut record = prefixed("test", &test_m);
+    record.insert("best_epoch".into(), json!(state.best_epoch));
+    run_dir.log(&serde_json::Value::Object(record))?;
+    let out = json!({"val": best_val, "test": test_m, "best_epoch": state.best_epoch});
+    run_dir.write_json("metrics.json", &out)?;
+    Ok(out)
+}

@@ -1,0 +1,125 @@
+//! A run's output folder: `log.txt` (one JSON object per epoch, like the reference), the resolved
+//! config, `metrics.json`, and checkpoints written atomically, with what resuming needs.
+
+use crate::checkpoint::{read_checkpoint, save_safetensors, StateDict};
+use crate::nn::ParamStore;
+use crate::train::optim::AdamW;
+use crate::util::write_atomic;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const LAST: &str = "checkpoint_last.safetensors";
+pub const BEST: &str = "checkpoint_best.safetensors";
+
+/// Progress of a run, stored in the last checkpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epochs_done: usize,
+    pub best_metric: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub optimizer_step: u64,
+}
+
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    pub fn create(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("cannot create output folder {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Appends one JSON object as a line of `log.txt`.
+    pub fn log(&self, record: &serde_json::Value) -> Result<()> {
+        let path = self.file("log.txt");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(f, "{record}")?;
+        Ok(())
+    }
+
+    pub fn write_json(&self, name: &str, value: &serde_json::Value) -> Result<()> {
+        write_atomic(
+            &self.file(name),
+            serde_json::to_string_pretty(value)?.as_bytes(),
+        )
+    }
+
+    pub fn write_text(&self, name: &str, text: &str) -> Result<()> {
+        write_atomic(&self.file(name), text.as_bytes())
+    }
+
+    /// Model (+ optimizer) tensors and the run state, in one safetensors file.
+    pub fn save_checkpoint(
+        &self,
+        name: &str,
+        task: &str,
+        store: &ParamStore,
+        optimizer: Option<&AdamW>,
+        state: &TrainState,
+    ) -> Result<()> {
+        let mut tensors: StateDict = store.named_tensors().into_iter().collect();
+        if let Some(opt) = optimizer {
+            tensors.extend(opt.state());
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("albef_task".to_string(), task.to_string());
+        meta.insert(
+            "albef_version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        );
+        meta.insert(
+            "albef_train_state".to_string(),
+            serde_json::to_string(state)?,
+        );
+        save_safetensors(&tensors, &meta, &self.file(name))
+    }
+
+    /// Restores model, optimizer and state from `checkpoint_last.safetensors`.
+    pub fn resume(
+        &self,
+        store: &ParamStore,
+        optimizer: &mut AdamW,
+        device: &Device,
+    ) -> Result<TrainState> {
+        let path = self.file(LAST);
+        if !path.is_file() {
+            bail!(
+                "--resume: {} does not exist (no completed epoch to resume from)",
+                path.display()
+            );
+        }
+        let ckpt = read_checkpoint(&path, device)?;
+        let state: TrainState = serde_json::from_str(
+            ckpt.metadata
+                .get("albef_train_state")
+                .with_context(|| format!("{} has no training state", path.display()))?,
+        )?;
+        let (opt_state, model): (StateDict, StateDict) = ckpt
+            .tensors
+            .into_iter()
+            .partition(|(k, _)| k.starts_with("optimizer."));
+        let report = crate::checkpoint::load_into(store, &model)?;
+        if !report.missing.is_empty() || !report.unexpected.is_empty() {
+            bail!("{} does not match this model:\n{report}", path.display());
+        }
+        optimizer.load_state(&opt_state, state.optimizer_step)?;
+        Ok(state)
+    }
+}
