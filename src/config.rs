@@ -38,10 +38,9 @@ pub struct TaskConfig {
 
 impl TaskConfig {
     pub fn from_yaml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut cfg: TaskConfig = serde_norway::from_str(&text)
-            .with_context(|| format!("{} is not a valid task config", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg: TaskConfig =
+            serde_norway::from_str(&text).with_context(|| format!("{} is not a valid task config", path.display()))?;
         cfg.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(cfg)
     }
@@ -50,35 +49,19 @@ impl TaskConfig {
     /// reference does), else next to the YAML file, else one folder up.
     pub fn resolve(&self, name: &str) -> Result<PathBuf> {
         let given = PathBuf::from(name);
-        let candidates = [
-            given.clone(),
-            self.dir.join(&given),
-            self.dir.join("..").join(&given),
-        ];
-        candidates
-            .iter()
-            .find(|p| p.exists())
-            .cloned()
-            .with_context(|| {
-                format!(
-                    "config names {name:?}, which exists at none of: {}",
-                    candidates
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
+        let candidates = [given.clone(), self.dir.join(&given), self.dir.join("..").join(&given)];
+        candidates.iter().find(|p| p.exists()).cloned().with_context(|| {
+            format!(
+                "config names {name:?}, which exists at none of: {}",
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })
     }
 
     /// Errors listing every key of `keys` the config lacks.
     pub fn require(&self, source: &Path, keys: &[&str]) -> Result<()> {
         let known = serde_json::to_value(self)?;
-        let missing: Vec<&str> = keys
-            .iter()
-            .copied()
-            .filter(|k| known.get(*k).is_none_or(|v| v.is_null()))
-            .collect();
+        let missing: Vec<&str> = keys.iter().copied().filter(|k| known.get(*k).is_none_or(|v| v.is_null())).collect();
         if !missing.is_empty() {
             bail!(
                 "config {} is missing {}: {}",
@@ -91,9 +74,7 @@ impl TaskConfig {
     }
 
     fn extra_value(&self, key: &str) -> Result<&serde_json::Value> {
-        self.extra
-            .get(key)
-            .with_context(|| format!("config has no '{key}'"))
+        self.extra.get(key).with_context(|| format!("config has no '{key}'"))
     }
 
     pub fn str(&self, key: &str) -> Result<String> {
@@ -110,9 +91,7 @@ impl TaskConfig {
             serde_json::Value::Array(items) => items
                 .iter()
                 .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .with_context(|| format!("config key '{key}' must list strings"))
+                    v.as_str().map(str::to_string).with_context(|| format!("config key '{key}' must list strings"))
                 })
                 .collect(),
             _ => bail!("config key '{key}' must be a string or a list of strings"),
@@ -129,9 +108,7 @@ impl TaskConfig {
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.extra.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .with_context(|| format!("config key '{key}' must be True or False")),
+            Some(v) => v.as_bool().with_context(|| format!("config key '{key}' must be True or False")),
         }
     }
 
@@ -151,11 +128,7 @@ impl TaskConfig {
         let mut vision = self.vision.clone().unwrap_or_default();
         vision.image_res = self.image_res.unwrap_or(vision.image_res);
         if !vision.image_res.is_multiple_of(vision.patch_size) {
-            bail!(
-                "image_res {} is not a multiple of the patch size {}",
-                vision.image_res,
-                vision.patch_size
-            );
+            bail!("image_res {} is not a multiple of the patch size {}", vision.image_res, vision.patch_size);
         }
         if let Some(w) = self.vision_width {
             if w != vision.embed_dim {
@@ -219,16 +192,29 @@ mod tests {
 
     #[test]
     fn inconsistent_widths_are_rejected() {
-        let mut cfg: TaskConfig =
-            serde_norway::from_str("image_res: 384\nvision_width: 512\n").unwrap();
+        let mut cfg: TaskConfig = serde_norway::from_str("image_res: 384\nvision_width: 512\n").unwrap();
         cfg.dir = PathBuf::from(".");
         let e = cfg.model_config().unwrap_err().to_string();
         assert!(e.contains("vision_width 512"), "{e}");
         let cfg: TaskConfig = serde_norway::from_str("image_res: 380\n").unwrap();
-        assert!(cfg
-            .model_config()
-            .unwrap_err()
-            .to_string()
-            .contains("multiple of the patch size"));
+        assert!(cfg.model_config().unwrap_err().to_string().contains("multiple of the patch size"));
+    }
+}
+
+#[cfg(test)]
+mod reference_configs {
+    use super::*;
+
+    #[test]
+    fn shipped_retrieval_configs_match_the_reference() {
+        for (file, k, epochs) in [("configs/Retrieval_flickr.yaml", 128, 10), ("configs/Retrieval_coco.yaml", 256, 5)] {
+            let cfg = TaskConfig::from_yaml_file(Path::new(file)).unwrap();
+            let m = cfg.model_config().unwrap();
+            assert_eq!(m, ModelConfig::default(), "{file}: ViT-B/16 + bert-base at 384");
+            assert_eq!(cfg.k_test, Some(k));
+            assert_eq!(cfg.usize("batch_size_train").unwrap(), 32);
+            let s: crate::train::schedule::ScheduleConfig = cfg.block("schedular").unwrap();
+            assert_eq!((s.lr, s.min_lr, s.epochs, s.warmup_epochs), (1e-5, 1e-6, epochs, 1));
+        }
     }
 }

@@ -15,14 +15,7 @@ fn tmp(name: &str) -> std::path::PathBuf {
 }
 
 fn values(store: &albef::nn::ParamStore, name: &str) -> Vec<f32> {
-    store
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name}"))
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+    store.get(name).unwrap_or_else(|| panic!("no {name}")).as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 #[test]
@@ -34,73 +27,27 @@ fn raw_state_dict_pth_loads_like_the_wrapped_one() {
     assert_eq!(raw.format, FileFormat::Pth { wrapped: false });
     let wrapped = read_checkpoint(&fixture_dir("ve").join("checkpoint.pth"), &dev).unwrap();
     assert_eq!(wrapped.format, FileFormat::Pth { wrapped: true });
-    assert_eq!(
-        raw.tensors.keys().collect::<Vec<_>>(),
-        wrapped.tensors.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(raw.tensors.keys().collect::<Vec<_>>(), wrapped.tensors.keys().collect::<Vec<_>>());
     let cfg = model_config("ve");
     let model = TaskModel::new(Task::Ve, &cfg, &dev, 0).unwrap();
-    let report = load_checkpoint(
-        &model,
-        Task::Ve,
-        &cfg,
-        &fixture_dir("ve_raw.pth"),
-        true,
-        TeacherInit::FromLoaded,
-    )
-    .unwrap();
-    assert!(
-        report.missing.is_empty() && report.unexpected.is_empty(),
-        "{report}"
-    );
-    let TaskModel::Classifier(m) = model else {
-        unreachable!()
-    };
+    let report =
+        load_checkpoint(&model, Task::Ve, &cfg, &fixture_dir("ve_raw.pth"), true, TeacherInit::FromLoaded).unwrap();
+    assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
+    let TaskModel::Classifier(m) = model else { unreachable!() };
     let io = io("ve");
-    let logits = m
-        .logits(&io["image"], &io["input_ids"], &io["attention_mask"])
-        .unwrap();
+    let logits = m.logits(&io["image"], &io["input_ids"], &io["attention_mask"]).unwrap();
     assert_close("ve logits from raw .pth", &logits, &io["logits"], 1e-5);
 }
 
 #[test]
 fn kinds_are_detected() {
     let dev = Device::Cpu;
-    let kind = |set: &str| {
-        classify(&read_checkpoint(&fixture_dir(set).join("checkpoint.pth"), &dev).unwrap())
-    };
-    assert_eq!(
-        kind("pretrain"),
-        CheckpointKind::Pretraining { with_teacher: true }
-    );
-    assert_eq!(
-        kind("retrieval"),
-        CheckpointKind::FineTuned {
-            task: Some(Task::Retrieval),
-            with_teacher: true
-        }
-    );
-    assert_eq!(
-        kind("vqa"),
-        CheckpointKind::FineTuned {
-            task: Some(Task::Vqa),
-            with_teacher: true
-        }
-    );
-    assert_eq!(
-        kind("ve"),
-        CheckpointKind::FineTuned {
-            task: Some(Task::Ve),
-            with_teacher: true
-        }
-    );
-    assert_eq!(
-        kind("nlvr"),
-        CheckpointKind::FineTuned {
-            task: Some(Task::Nlvr),
-            with_teacher: true
-        }
-    );
+    let kind = |set: &str| classify(&read_checkpoint(&fixture_dir(set).join("checkpoint.pth"), &dev).unwrap());
+    assert_eq!(kind("pretrain"), CheckpointKind::Pretraining { with_teacher: true });
+    assert_eq!(kind("retrieval"), CheckpointKind::FineTuned { task: Some(Task::Retrieval), with_teacher: true });
+    assert_eq!(kind("vqa"), CheckpointKind::FineTuned { task: Some(Task::Vqa), with_teacher: true });
+    assert_eq!(kind("ve"), CheckpointKind::FineTuned { task: Some(Task::Ve), with_teacher: true });
+    assert_eq!(kind("nlvr"), CheckpointKind::FineTuned { task: Some(Task::Nlvr), with_teacher: true });
 }
 
 #[test]
@@ -108,35 +55,18 @@ fn retrieval_from_pretraining_checkpoint_reports_like_the_reference() {
     let cfg = model_config("pretrain");
     let model = TaskModel::new(Task::Retrieval, &cfg, &Device::Cpu, 0).unwrap();
     let path = fixture_dir("pretrain").join("checkpoint.pth");
-    let report = load_checkpoint(
-        &model,
-        Task::Retrieval,
-        &cfg,
-        &path,
-        false,
-        TeacherInit::FromLoaded,
-    )
-    .unwrap();
+    let report = load_checkpoint(&model, Task::Retrieval, &cfg, &path, false, TeacherInit::FromLoaded).unwrap();
     // §2.4: missing only idx_queue; unexpected the MLM heads of student and teacher (7 + 7).
     assert_eq!(report.missing, vec!["idx_queue".to_string()]);
     assert_eq!(report.unexpected.len(), 14, "{:?}", report.unexpected);
-    assert!(report
-        .unexpected
-        .iter()
-        .all(|k| k.contains(".cls.predictions.")));
+    assert!(report.unexpected.iter().all(|k| k.contains(".cls.predictions.")));
     let ckpt = read_checkpoint(&path, &Device::Cpu).unwrap();
     let want = ckpt.tensors["text_encoder.bert.encoder.layer.3.crossattention.self.key.weight"]
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    assert_eq!(
-        values(
-            model.store(),
-            "text_encoder.encoder.layer.3.crossattention.self.key.weight"
-        ),
-        want
-    );
+    assert_eq!(values(model.store(), "text_encoder.encoder.layer.3.crossattention.self.key.weight"), want);
 }
 
 #[test]
@@ -145,49 +75,29 @@ fn vqa_decoder_is_initialised_from_the_fusion_layers() {
     cfg.decoder_layers = cfg.bert.num_hidden_layers - cfg.bert.fusion_layer;
     let model = TaskModel::new(Task::Vqa, &cfg, &Device::Cpu, 0).unwrap();
     let path = fixture_dir("pretrain").join("checkpoint.pth");
-    let report = load_checkpoint(
-        &model,
-        Task::Vqa,
-        &cfg,
-        &path,
-        false,
-        TeacherInit::FromLoaded,
-    )
-    .unwrap();
+    let report = load_checkpoint(&model, Task::Vqa, &cfg, &path, false, TeacherInit::FromLoaded).unwrap();
     assert!(report.missing.is_empty(), "missing {:?}", report.missing);
     let ckpt = read_checkpoint(&path, &Device::Cpu).unwrap();
     let f = cfg.bert.fusion_layer;
     for (decoder_layer, encoder_layer) in [(0, f), (1, f + 1)] {
-        for suffix in [
-            "crossattention.self.key.weight",
-            "attention.output.dense.bias",
-            "output.LayerNorm.weight",
-        ] {
-            let want = ckpt.tensors
-                [&format!("text_encoder.bert.encoder.layer.{encoder_layer}.{suffix}")]
+        for suffix in ["crossattention.self.key.weight", "attention.output.dense.bias", "output.LayerNorm.weight"] {
+            let want = ckpt.tensors[&format!("text_encoder.bert.encoder.layer.{encoder_layer}.{suffix}")]
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
             assert_eq!(
-                values(
-                    model.store(),
-                    &format!("text_decoder.bert.encoder.layer.{decoder_layer}.{suffix}")
-                ),
+                values(model.store(), &format!("text_decoder.bert.encoder.layer.{decoder_layer}.{suffix}")),
                 want,
                 "decoder {decoder_layer} {suffix}"
             );
-            let want_m = ckpt.tensors
-                [&format!("text_encoder_m.bert.encoder.layer.{encoder_layer}.{suffix}")]
+            let want_m = ckpt.tensors[&format!("text_encoder_m.bert.encoder.layer.{encoder_layer}.{suffix}")]
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
             assert_eq!(
-                values(
-                    model.store(),
-                    &format!("text_decoder_m.bert.encoder.layer.{decoder_layer}.{suffix}")
-                ),
+                values(model.store(), &format!("text_decoder_m.bert.encoder.layer.{decoder_layer}.{suffix}")),
                 want_m
             );
         }
@@ -197,28 +107,11 @@ fn vqa_decoder_is_initialised_from_the_fusion_layers() {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    assert_eq!(
-        values(
-            model.store(),
-            "text_decoder.cls.predictions.transform.dense.weight"
-        ),
-        want
-    );
+    assert_eq!(values(model.store(), "text_decoder.cls.predictions.transform.dense.weight"), want);
     // Under --evaluate the file is loaded as is: a pre-training file then fills no decoder.
     let model = TaskModel::new(Task::Vqa, &cfg, &Device::Cpu, 0).unwrap();
-    let report = load_checkpoint(
-        &model,
-        Task::Vqa,
-        &cfg,
-        &path,
-        true,
-        TeacherInit::FromLoaded,
-    )
-    .unwrap();
-    assert!(report
-        .missing
-        .iter()
-        .any(|k| k.starts_with("text_decoder.")));
+    let report = load_checkpoint(&model, Task::Vqa, &cfg, &path, true, TeacherInit::FromLoaded).unwrap();
+    assert!(report.missing.iter().any(|k| k.starts_with("text_decoder.")));
 }
 
 #[test]
@@ -226,26 +119,16 @@ fn nlvr_teacher_quirk_and_its_fix() {
     let cfg = model_config("nlvr");
     // A checkpoint without teacher keys, as the TA checkpoint is.
     let ckpt = read_checkpoint(&fixture_dir("nlvr").join("checkpoint.pth"), &Device::Cpu).unwrap();
-    let student: albef::checkpoint::StateDict = ckpt
-        .tensors
-        .into_iter()
-        .filter(|(k, _)| !k.split('.').next().unwrap().ends_with("_m"))
-        .collect();
+    let student: albef::checkpoint::StateDict =
+        ckpt.tensors.into_iter().filter(|(k, _)| !k.split('.').next().unwrap().ends_with("_m")).collect();
     let path = tmp("nlvr_no_teacher.safetensors");
     albef::checkpoint::save_safetensors(&student, &BTreeMap::new(), &path).unwrap();
     let head = "cls_head.0.weight";
-    for (policy, equal) in [
-        (TeacherInit::Reference, false),
-        (TeacherInit::FromLoaded, true),
-    ] {
+    for (policy, equal) in [(TeacherInit::Reference, false), (TeacherInit::FromLoaded, true)] {
         let model = TaskModel::new(Task::Nlvr, &cfg, &Device::Cpu, 7).unwrap();
         let report = load_checkpoint(&model, Task::Nlvr, &cfg, &path, false, policy).unwrap();
         assert!(report.teacher_missing(model.store()));
-        assert_eq!(
-            values(model.store(), head) == values(model.store(), "cls_head_m.0.weight"),
-            equal,
-            "{policy:?}"
-        );
+        assert_eq!(values(model.store(), head) == values(model.store(), "cls_head_m.0.weight"), equal, "{policy:?}");
     }
 }
 
@@ -253,35 +136,19 @@ fn nlvr_teacher_quirk_and_its_fix() {
 fn our_safetensors_round_trip_and_are_recognised() {
     let cfg = model_config("ve");
     let model = TaskModel::new(Task::Ve, &cfg, &Device::Cpu, 0).unwrap();
-    load_checkpoint(
-        &model,
-        Task::Ve,
-        &cfg,
-        &fixture_dir("ve").join("checkpoint.pth"),
-        true,
-        TeacherInit::FromLoaded,
-    )
-    .unwrap();
+    load_checkpoint(&model, Task::Ve, &cfg, &fixture_dir("ve").join("checkpoint.pth"), true, TeacherInit::FromLoaded)
+        .unwrap();
     let path = tmp("ve_ours.safetensors");
     save_model(&model, Task::Ve, &path, &BTreeMap::new()).unwrap();
     let ckpt = read_checkpoint(&path, &Device::Cpu).unwrap();
     assert_eq!(classify(&ckpt), CheckpointKind::Ours { task: "ve".into() });
     let again = TaskModel::new(Task::Ve, &cfg, &Device::Cpu, 99).unwrap();
     let report = load_into(again.store(), &ckpt.tensors).unwrap();
-    assert!(
-        report.missing.is_empty() && report.unexpected.is_empty(),
-        "{report}"
-    );
-    for name in [
-        "text_encoder.encoder.layer.3.crossattention.self.key.weight",
-        "cls_head.2.bias",
-        "visual_encoder_m.pos_embed",
-    ] {
-        assert_eq!(
-            values(again.store(), name),
-            values(model.store(), name),
-            "{name}"
-        );
+    assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
+    for name in
+        ["text_encoder.encoder.layer.3.crossattention.self.key.weight", "cls_head.2.bias", "visual_encoder_m.pos_embed"]
+    {
+        assert_eq!(values(again.store(), name), values(model.store(), name), "{name}");
     }
 }
 
@@ -299,38 +166,13 @@ fn pos_embed_is_interpolated_on_load() {
         TeacherInit::FromLoaded,
     )
     .unwrap();
-    let keys: Vec<&str> = report
-        .interpolated
-        .iter()
-        .map(|(k, _, _)| k.as_str())
-        .collect();
-    assert_eq!(
-        keys,
-        ["visual_encoder.pos_embed", "visual_encoder_m.pos_embed"]
-    );
-    assert_eq!(
-        (report.interpolated[0].1, report.interpolated[0].2),
-        (10, 17)
-    );
-    let ckpt = read_checkpoint(
-        &fixture_dir("retrieval").join("checkpoint.pth"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let cls_want = ckpt.tensors["visual_encoder.pos_embed"]
-        .i((0, 0))
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let got = model
-        .store()
-        .get("visual_encoder.pos_embed")
-        .unwrap()
-        .as_tensor()
-        .i((0, 0))
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let keys: Vec<&str> = report.interpolated.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(keys, ["visual_encoder.pos_embed", "visual_encoder_m.pos_embed"]);
+    assert_eq!((report.interpolated[0].1, report.interpolated[0].2), (10, 17));
+    let ckpt = read_checkpoint(&fixture_dir("retrieval").join("checkpoint.pth"), &Device::Cpu).unwrap();
+    let cls_want = ckpt.tensors["visual_encoder.pos_embed"].i((0, 0)).unwrap().to_vec1::<f32>().unwrap();
+    let got =
+        model.store().get("visual_encoder.pos_embed").unwrap().as_tensor().i((0, 0)).unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(got, cls_want, "cls position embedding kept");
 }
 
@@ -346,17 +188,12 @@ fn bad_files_give_errors_naming_the_file() {
     let truncated = tmp("truncated.pth");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let e = read_checkpoint(&truncated, &dev).unwrap_err().to_string();
-    assert!(
-        e.contains("truncated.pth") && e.contains("truncated or corrupt"),
-        "{e}"
-    );
+    assert!(e.contains("truncated.pth") && e.contains("truncated or corrupt"), "{e}");
 
     let st = std::fs::read(fixture_dir("ve").join("weights.safetensors")).unwrap();
     let truncated_st = tmp("truncated.safetensors");
     std::fs::write(&truncated_st, &st[..st.len() - 100]).unwrap();
-    let e = read_checkpoint(&truncated_st, &dev)
-        .unwrap_err()
-        .to_string();
+    let e = read_checkpoint(&truncated_st, &dev).unwrap_err().to_string();
     assert!(e.contains("truncated.safetensors"), "{e}");
 
     let text = tmp("notes.txt");
@@ -364,9 +201,7 @@ fn bad_files_give_errors_naming_the_file() {
     let e = read_checkpoint(&text, &dev).unwrap_err().to_string();
     assert!(e.contains("notes.txt") && e.contains("neither"), "{e}");
 
-    let e = read_checkpoint(&tmp("does-not-exist.pth"), &dev)
-        .unwrap_err()
-        .to_string();
+    let e = read_checkpoint(&tmp("does-not-exist.pth"), &dev).unwrap_err().to_string();
     assert!(e.contains("does-not-exist.pth"), "{e}");
 }
 
@@ -385,12 +220,7 @@ fn shape_mismatch_names_key_and_shapes() {
     )
     .unwrap_err()
     .to_string();
-    assert!(
-        err.contains("intermediate.dense.weight")
-            && err.contains("[64, 32]")
-            && err.contains("[48, 32]"),
-        "{err}"
-    );
+    assert!(err.contains("intermediate.dense.weight") && err.contains("[64, 32]") && err.contains("[48, 32]"), "{err}");
 }
 
 #[test]

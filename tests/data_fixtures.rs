@@ -11,24 +11,16 @@ use std::path::PathBuf;
 
 /// The full bert-base-uncased vocab is not shipped with the repo; it lives beside the checkout.
 fn shared_vocab() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/bert-base-uncased-vocab.txt");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/bert-base-uncased-vocab.txt");
     p.is_file().then_some(p)
 }
 
 fn cases() -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(fixture_dir("tokenizer").join("cases.json")).unwrap(),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture_dir("tokenizer").join("cases.json")).unwrap()).unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn rows(v: &serde_json::Value) -> Vec<Vec<u32>> {
@@ -39,16 +31,8 @@ fn rows(v: &serde_json::Value) -> Vec<Vec<u32>> {
 fn text_normalisation_matches_reference() {
     for case in cases()["cases"].as_array().unwrap() {
         let raw = case["raw"].as_str().unwrap();
-        assert_eq!(
-            pre_caption(raw, 30),
-            case["pre_caption_30"].as_str().unwrap(),
-            "pre_caption of {raw:?}"
-        );
-        assert_eq!(
-            pre_question(raw, 50),
-            case["pre_question_50"].as_str().unwrap(),
-            "pre_question of {raw:?}"
-        );
+        assert_eq!(pre_caption(raw, 30), case["pre_caption_30"].as_str().unwrap(), "pre_caption of {raw:?}");
+        assert_eq!(pre_question(raw, 50), case["pre_question_50"].as_str().unwrap(), "pre_question of {raw:?}");
     }
 }
 
@@ -61,80 +45,29 @@ fn tokenizer_cases_match_reference() {
     let c = cases();
     for case in c["cases"].as_array().unwrap() {
         let caption = case["pre_caption_30"].as_str().unwrap();
-        let tokens: Vec<String> = case["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_str().unwrap().to_string())
-            .collect();
+        let tokens: Vec<String> =
+            case["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
         assert_eq!(tok.tokenize(caption), tokens, "tokens of {caption:?}");
-        assert_eq!(
-            tok.encode(caption, None),
-            ids(&case["ids"]),
-            "ids of {caption:?}"
-        );
+        assert_eq!(tok.encode(caption, None), ids(&case["ids"]), "ids of {caption:?}");
         let question = case["pre_question_50"].as_str().unwrap();
-        assert_eq!(
-            tok.encode(question, None),
-            ids(&case["ids_question"]),
-            "ids of question {question:?}"
-        );
+        assert_eq!(tok.encode(question, None), ids(&case["ids_question"]), "ids of question {question:?}");
     }
     let batch = &c["batch"];
-    let texts: Vec<&str> = batch["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let texts: Vec<&str> = batch["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     let longest = tok.encode_batch(&texts, Padding::Longest { truncate_to: None });
-    assert_eq!(
-        longest.input_ids,
-        rows(&batch["padding_longest"]["input_ids"])
-    );
-    assert_eq!(
-        longest.attention_mask,
-        rows(&batch["padding_longest"]["attention_mask"])
-    );
+    assert_eq!(longest.input_ids, rows(&batch["padding_longest"]["input_ids"]));
+    assert_eq!(longest.attention_mask, rows(&batch["padding_longest"]["attention_mask"]));
     let max30 = tok.encode_batch(&texts, Padding::MaxLength(30));
-    assert_eq!(
-        max30.input_ids,
-        rows(&batch["padding_max_length_30"]["input_ids"])
-    );
-    assert_eq!(
-        max30.attention_mask,
-        rows(&batch["padding_max_length_30"]["attention_mask"])
-    );
+    assert_eq!(max30.input_ids, rows(&batch["padding_max_length_30"]["input_ids"]));
+    assert_eq!(max30.attention_mask, rows(&batch["padding_max_length_30"]["attention_mask"]));
     let truncated = &batch["padding_longest_truncation_8"];
-    let enc = tok.encode_batch(
-        &texts,
-        Padding::Longest {
-            truncate_to: Some(8),
-        },
-    );
-    assert_eq!(
-        enc.input_ids,
-        rows(&truncated["input_ids"]),
-        "truncation to 8"
-    );
-    assert_eq!(
-        enc.attention_mask,
-        rows(&truncated["attention_mask"]),
-        "truncation to 8"
-    );
+    let enc = tok.encode_batch(&texts, Padding::Longest { truncate_to: Some(8) });
+    assert_eq!(enc.input_ids, rows(&truncated["input_ids"]), "truncation to 8");
+    assert_eq!(enc.attention_mask, rows(&truncated["attention_mask"]), "truncation to 8");
     let answers = &c["vqa_answers"];
-    let with_eos: Vec<&str> = answers["with_eos"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let with_eos: Vec<&str> = answers["with_eos"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     let enc = tok.encode_batch(&with_eos, Padding::Longest { truncate_to: None });
-    assert_eq!(
-        enc.input_ids,
-        rows(&answers["input_ids"]),
-        "answers + [SEP]"
-    );
+    assert_eq!(enc.input_ids, rows(&answers["input_ids"]), "answers + [SEP]");
     assert_eq!(enc.attention_mask, rows(&answers["attention_mask"]));
 }
 
@@ -142,20 +75,11 @@ fn tokenizer_cases_match_reference() {
 fn eval_transform_matches_pil() {
     let io = io("preprocess");
     let img = RgbImage::open(&fixture_dir("preprocess").join("input.png")).unwrap();
-    let src = io["input_rgb_u8"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u8>()
-        .unwrap();
+    let src = io["input_rgb_u8"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     assert_eq!((img.height, img.width), (40, 56));
     assert_eq!(img.data, src, "decoded PNG pixels");
     for res in [32usize, 48] {
         let t = eval_transform(&img, res, &Device::Cpu).unwrap();
-        assert_close(
-            &format!("pixel_values_{res}"),
-            &t,
-            &io[&format!("pixel_values_{res}")],
-            1e-6,
-        );
+        assert_close(&format!("pixel_values_{res}"), &t, &io[&format!("pixel_values_{res}")], 1e-6);
     }
 }

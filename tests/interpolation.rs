@@ -36,9 +36,7 @@ fn matrix(n_in: usize, n_out: usize) -> Vec<Vec<f64>> {
 fn matches_separable_matrix_form() {
     // Grid values from a fixed non-polynomial function, so every tap matters.
     let (g, out) = (4usize, 7usize);
-    let grid: Vec<f64> = (0..g * g)
-        .map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0 + (i as f64).sin())
-        .collect();
+    let grid: Vec<f64> = (0..g * g).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0 + (i as f64).sin()).collect();
     let m = matrix(g, out);
     // expected = M · G · Mᵀ
     let mut expected = vec![0.0; out * out];
@@ -53,19 +51,9 @@ fn matches_separable_matrix_form() {
             expected[y * out + x] = acc;
         }
     }
-    let got = bicubic_resize(
-        &grid.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-        1,
-        g,
-        g,
-        out,
-        out,
-    );
+    let got = bicubic_resize(&grid.iter().map(|&v| v as f32).collect::<Vec<_>>(), 1, g, g, out, out);
     for (i, (a, b)) in got.iter().zip(&expected).enumerate() {
-        assert!(
-            (*a as f64 - b).abs() < 1e-5,
-            "element {i}: got {a}, want {b}"
-        );
+        assert!((*a as f64 - b).abs() < 1e-5, "element {i}: got {a}, want {b}");
     }
 }
 
@@ -96,30 +84,16 @@ fn keeps_cls_and_is_identity_on_same_grid() {
     let dev = Device::Cpu;
     let pos = Tensor::randn(0f32, 1.0, (1, 1 + 16, 3), &dev).unwrap();
     let same = interpolate_pos_embed(&pos, 16, 1).unwrap();
-    assert_eq!(
-        same.to_vec3::<f32>().unwrap(),
-        pos.to_vec3::<f32>().unwrap()
-    );
+    assert_eq!(same.to_vec3::<f32>().unwrap(), pos.to_vec3::<f32>().unwrap());
     let up = interpolate_pos_embed(&pos, 36, 1).unwrap();
     assert_eq!(up.dims(), &[1, 37, 3]);
     assert_eq!(
         up.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap(),
-        pos.get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
+        pos.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap()
     );
     // A constant field stays constant (weights sum to one).
     let c = Tensor::ones((1, 17, 2), candle_core::DType::F32, &dev).unwrap();
-    for v in interpolate_pos_embed(&c, 36, 1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-    {
+    for v in interpolate_pos_embed(&c, 36, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap() {
         assert!((v - 1.0).abs() < 1e-6);
     }
 }

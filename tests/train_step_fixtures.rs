@@ -17,11 +17,7 @@ fn load(store: &ParamStore, set: &str) {
 }
 
 fn idx_vec(t: &Tensor) -> Vec<usize> {
-    t.to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as usize)
-        .collect()
+    t.to_vec1::<i64>().unwrap().into_iter().map(|x| x as usize).collect()
 }
 
 /// Compares the recorded full gradients (`grad.*` arrays), every per-parameter gradient norm of
@@ -30,13 +26,8 @@ fn check_grads(set: &str, store: &ParamStore, grads: &GradStore) {
     let io = io(set);
     let m = manifest(set);
     let grad_of = |name: &str| -> Tensor {
-        let var = store
-            .get(name)
-            .unwrap_or_else(|| panic!("{set}: no parameter {name}"));
-        grads
-            .get(&var)
-            .unwrap_or_else(|| panic!("{set}: no gradient for {name}"))
-            .clone()
+        let var = store.get(name).unwrap_or_else(|| panic!("{set}: no parameter {name}"));
+        grads.get(&var).unwrap_or_else(|| panic!("{set}: no gradient for {name}")).clone()
     };
     let mut full = 0;
     for (key, want) in &io {
@@ -46,65 +37,31 @@ fn check_grads(set: &str, store: &ParamStore, grads: &GradStore) {
         }
     }
     // VE and NLVR2 record norms only.
-    let expected_full = m["arrays"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .filter(|k| k.starts_with("grad."))
-        .count();
+    let expected_full = m["arrays"].as_object().unwrap().keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(full, expected_full, "{set}: recorded gradients compared");
     let norms = m["grad_norms"].as_object().unwrap();
     let mut total = 0f64;
     for (name, want) in norms {
         let g = grad_of(name);
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         total += norm;
         let want = want.as_f64().unwrap();
         let got = norm.sqrt();
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs() + 1e-9,
-            "{set}: grad norm of {name}: got {got}, want {want}"
-        );
+        assert!((got - want).abs() <= 1e-4 * want.abs() + 1e-9, "{set}: grad norm of {name}: got {got}, want {want}");
     }
     // Every trainable parameter of ours appears in the reference's list (none silently extra).
     for p in store.trainable() {
-        assert!(
-            norms.contains_key(&p.name),
-            "{set}: trainable {} has no recorded gradient norm",
-            p.name
-        );
+        assert!(norms.contains_key(&p.name), "{set}: trainable {} has no recorded gradient norm", p.name);
     }
-    assert_scalar(
-        &format!("{set} grad_total_norm"),
-        total.sqrt(),
-        scalar(set, "grad_total_norm"),
-        1e-4,
-    );
+    assert_scalar(&format!("{set} grad_total_norm"), total.sqrt(), scalar(set, "grad_total_norm"), 1e-4);
 }
 
 #[test]
 fn pretrain_step() {
     let io = io("pretrain");
-    let model = ContrastiveModel::new(
-        &model_config("pretrain"),
-        Objective::Pretrain,
-        &Device::Cpu,
-        0,
-    )
-    .unwrap();
+    let model = ContrastiveModel::new(&model_config("pretrain"), Objective::Pretrain, &Device::Cpu, 0).unwrap();
     load(&model.store, "pretrain");
-    assert_close(
-        "queue before",
-        &model.queues.image.as_tensor().clone(),
-        &io["train_image_queue_before"],
-        0.0,
-    );
+    assert_close("queue before", &model.queues.image.as_tensor().clone(), &io["train_image_queue_before"], 0.0);
     let replay = Replay {
         neg_image: idx_vec(&io["train_neg_image_idx"]),
         neg_text: idx_vec(&io["train_neg_text_idx"]),
@@ -126,56 +83,20 @@ fn pretrain_step() {
         )
         .unwrap();
     let get = |t: &Tensor| t.to_scalar::<f32>().unwrap() as f64;
-    assert_scalar(
-        "loss_ita",
-        get(&losses.ita),
-        scalar("pretrain", "train_loss_ita"),
-        1e-5,
-    );
-    assert_scalar(
-        "loss_itm",
-        get(&losses.itm),
-        scalar("pretrain", "train_loss_itm"),
-        1e-5,
-    );
-    assert_scalar(
-        "loss_mlm",
-        get(losses.mlm.as_ref().unwrap()),
-        scalar("pretrain", "train_loss_mlm"),
-        1e-5,
-    );
+    assert_scalar("loss_ita", get(&losses.ita), scalar("pretrain", "train_loss_ita"), 1e-5);
+    assert_scalar("loss_itm", get(&losses.itm), scalar("pretrain", "train_loss_itm"), 1e-5);
+    assert_scalar("loss_mlm", get(losses.mlm.as_ref().unwrap()), scalar("pretrain", "train_loss_mlm"), 1e-5);
     let total = losses.total().unwrap();
-    assert_scalar(
-        "loss_total",
-        get(&total),
-        scalar("pretrain", "train_loss_total"),
-        1e-5,
-    );
-    assert_close(
-        "image_queue after",
-        &model.queues.image.as_tensor().clone(),
-        &io["train_image_queue_after"],
-        1e-5,
-    );
-    assert_close(
-        "text_queue after",
-        &model.queues.text.as_tensor().clone(),
-        &io["train_text_queue_after"],
-        1e-5,
-    );
+    assert_scalar("loss_total", get(&total), scalar("pretrain", "train_loss_total"), 1e-5);
+    assert_close("image_queue after", &model.queues.image.as_tensor().clone(), &io["train_image_queue_after"], 1e-5);
+    assert_close("text_queue after", &model.queues.text.as_tensor().clone(), &io["train_text_queue_after"], 1e-5);
     check_grads("pretrain", &model.store, &total.backward().unwrap());
 }
 
 #[test]
 fn retrieval_step() {
     let io = io("retrieval");
-    let model = ContrastiveModel::new(
-        &model_config("retrieval"),
-        Objective::Retrieval,
-        &Device::Cpu,
-        0,
-    )
-    .unwrap();
+    let model = ContrastiveModel::new(&model_config("retrieval"), Objective::Retrieval, &Device::Cpu, 0).unwrap();
     load(&model.store, "retrieval");
     let replay = Replay {
         neg_image: idx_vec(&io["train_neg_image_idx"]),
@@ -198,42 +119,12 @@ fn retrieval_step() {
         )
         .unwrap();
     let get = |t: &Tensor| t.to_scalar::<f32>().unwrap() as f64;
-    assert_scalar(
-        "loss_ita",
-        get(&losses.ita),
-        scalar("retrieval", "train_loss_ita"),
-        1e-5,
-    );
-    assert_scalar(
-        "loss_itm",
-        get(&losses.itm),
-        scalar("retrieval", "train_loss_itm"),
-        1e-5,
-    );
-    assert_close(
-        "image_queue after",
-        &model.queues.image.as_tensor().clone(),
-        &io["train_image_queue_after"],
-        1e-5,
-    );
-    let idx_q = model
-        .queues
-        .idx
-        .as_ref()
-        .unwrap()
-        .as_tensor()
-        .to_vec2::<i64>()
-        .unwrap();
-    assert_eq!(
-        idx_q,
-        io["train_idx_queue_after"].to_vec2::<i64>().unwrap(),
-        "idx_queue after"
-    );
-    check_grads(
-        "retrieval",
-        &model.store,
-        &losses.total().unwrap().backward().unwrap(),
-    );
+    assert_scalar("loss_ita", get(&losses.ita), scalar("retrieval", "train_loss_ita"), 1e-5);
+    assert_scalar("loss_itm", get(&losses.itm), scalar("retrieval", "train_loss_itm"), 1e-5);
+    assert_close("image_queue after", &model.queues.image.as_tensor().clone(), &io["train_image_queue_after"], 1e-5);
+    let idx_q = model.queues.idx.as_ref().unwrap().as_tensor().to_vec2::<i64>().unwrap();
+    assert_eq!(idx_q, io["train_idx_queue_after"].to_vec2::<i64>().unwrap(), "idx_queue after");
+    check_grads("retrieval", &model.store, &losses.total().unwrap().backward().unwrap());
 }
 
 #[test]
@@ -255,12 +146,7 @@ fn vqa_step() {
             false,
         )
         .unwrap();
-    assert_scalar(
-        "vqa loss",
-        loss.to_scalar::<f32>().unwrap() as f64,
-        scalar("vqa", "train_loss"),
-        1e-5,
-    );
+    assert_scalar("vqa loss", loss.to_scalar::<f32>().unwrap() as f64, scalar("vqa", "train_loss"), 1e-5);
     check_grads("vqa", &model.store, &loss.backward().unwrap());
 }
 
@@ -278,30 +164,17 @@ fn classifier_step(set: &str, kind: ClassifierKind, image: Tensor) {
             false,
         )
         .unwrap();
-    assert_scalar(
-        &format!("{set} loss"),
-        loss.to_scalar::<f32>().unwrap() as f64,
-        scalar(set, "train_loss"),
-        1e-5,
-    );
+    assert_scalar(&format!("{set} loss"), loss.to_scalar::<f32>().unwrap() as f64, scalar(set, "train_loss"), 1e-5);
     check_grads(set, &model.store, &loss.backward().unwrap());
 }
 
 #[test]
 fn ve_step() {
-    classifier_step(
-        "ve",
-        ClassifierKind::VisualEntailment,
-        io("ve")["image"].clone(),
-    );
+    classifier_step("ve", ClassifierKind::VisualEntailment, io("ve")["image"].clone());
 }
 
 #[test]
 fn nlvr_step() {
     let io = io("nlvr");
-    classifier_step(
-        "nlvr",
-        ClassifierKind::Nlvr2,
-        Tensor::cat(&[&io["image0"], &io["image1"]], 0).unwrap(),
-    );
+    classifier_step("nlvr", ClassifierKind::Nlvr2, Tensor::cat(&[&io["image0"], &io["image1"]], 0).unwrap());
 }

@@ -20,22 +20,12 @@ fn taps(dst: usize, in_size: usize, out_size: usize) -> (i64, [f32; 4]) {
     let src = (dst as f32 + 0.5) * scale - 0.5;
     let floor = src.floor();
     let t = src - floor;
-    (
-        floor as i64,
-        [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2(2.0 - t)],
-    )
+    (floor as i64, [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2(2.0 - t)])
 }
 
 /// Resizes a (C, h, w) row-major grid to (C, out_h, out_w) as PyTorch's CPU bicubic does:
 /// interpolate along x within each of the four rows, then along y.
-pub fn bicubic_resize(
-    data: &[f32],
-    channels: usize,
-    h: usize,
-    w: usize,
-    out_h: usize,
-    out_w: usize,
-) -> Vec<f32> {
+pub fn bicubic_resize(data: &[f32], channels: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
     let mut out = vec![0f32; channels * out_h * out_w];
     let clamp = |v: i64, n: usize| v.clamp(0, n as i64 - 1) as usize;
     for oy in 0..out_h {
@@ -62,11 +52,7 @@ pub fn bicubic_resize(
 }
 
 /// (1, n_extra + g_old², E) → (1, n_extra + g_new², E). Unchanged when the grids agree.
-pub fn interpolate_pos_embed(
-    pos: &Tensor,
-    num_patches_new: usize,
-    n_extra: usize,
-) -> Result<Tensor> {
+pub fn interpolate_pos_embed(pos: &Tensor, num_patches_new: usize, n_extra: usize) -> Result<Tensor> {
     let (_, n_old, e) = pos.dims3()?;
     let g_old = ((n_old - n_extra) as f64).sqrt() as usize;
     let g_new = (num_patches_new as f64).sqrt() as usize;
@@ -78,16 +64,8 @@ pub fn interpolate_pos_embed(
     }
     let extra = pos.narrow(1, 0, n_extra)?;
     // (g², E) → (E, g, g) channel planes.
-    let grid = pos
-        .narrow(1, n_extra, g_old * g_old)?
-        .squeeze(0)?
-        .t()?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let grid = pos.narrow(1, n_extra, g_old * g_old)?.squeeze(0)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let resized = bicubic_resize(&grid, e, g_old, g_old, g_new, g_new);
-    let resized = Tensor::from_vec(resized, (e, g_new * g_new), pos.device())?
-        .t()?
-        .unsqueeze(0)?;
+    let resized = Tensor::from_vec(resized, (e, g_new * g_new), pos.device())?.t()?.unsqueeze(0)?;
     Tensor::cat(&[&extra.to_dtype(resized.dtype())?, &resized], 1)?.contiguous()
 }

@@ -12,10 +12,7 @@ pub enum CheckpointKind {
     /// `ALBEF.pth` / `ALBEF_4M.pth` style pre-training state (with or without teacher).
     Pretraining { with_teacher: bool },
     /// A task model's state dict (released fine-tuned files, or reference training checkpoints).
-    FineTuned {
-        task: Option<Task>,
-        with_teacher: bool,
-    },
+    FineTuned { task: Option<Task>, with_teacher: bool },
     /// Not recognisably an ALBEF checkpoint (e.g. DeiT or bert-base weights).
     Other,
 }
@@ -31,27 +28,14 @@ impl fmt::Display for CheckpointKind {
         };
         match self {
             Self::Ours { task } => write!(f, "albef checkpoint (task {task})"),
-            Self::Pretraining { with_teacher } => write!(
-                f,
-                "ALBEF pre-training checkpoint, {}",
-                teacher(with_teacher)
-            ),
-            Self::FineTuned {
-                task: Some(t),
-                with_teacher,
-            } => write!(f, "fine-tuned {t:?} checkpoint, {}", teacher(with_teacher)),
-            Self::FineTuned {
-                task: None,
-                with_teacher,
-            } => write!(
-                f,
-                "fine-tuned checkpoint of unknown task, {}",
-                teacher(with_teacher)
-            ),
-            Self::Other => write!(
-                f,
-                "not an ALBEF checkpoint (no visual_encoder.* / text_encoder.* keys)"
-            ),
+            Self::Pretraining { with_teacher } => write!(f, "ALBEF pre-training checkpoint, {}", teacher(with_teacher)),
+            Self::FineTuned { task: Some(t), with_teacher } => {
+                write!(f, "fine-tuned {t:?} checkpoint, {}", teacher(with_teacher))
+            }
+            Self::FineTuned { task: None, with_teacher } => {
+                write!(f, "fine-tuned checkpoint of unknown task, {}", teacher(with_teacher))
+            }
+            Self::Other => write!(f, "not an ALBEF checkpoint (no visual_encoder.* / text_encoder.* keys)"),
         }
     }
 }
@@ -63,11 +47,7 @@ fn task_from_keys(has: &dyn Fn(&str) -> bool, max_layer: Option<usize>) -> Optio
     } else if has("ta_head.") {
         Some(Task::NlvrPretrain)
     } else if has("cls_head.") {
-        Some(if max_layer.is_some_and(|l| l >= 12) {
-            Task::Nlvr
-        } else {
-            Task::Ve
-        })
+        Some(if max_layer.is_some_and(|l| l >= 12) { Task::Nlvr } else { Task::Ve })
     } else if has("itm_head.") {
         Some(Task::Retrieval)
     } else {
@@ -93,8 +73,5 @@ pub fn classify(ckpt: &Checkpoint) -> CheckpointKind {
         .filter_map(|k| k.strip_prefix("text_encoder.encoder.layer."))
         .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
         .max();
-    CheckpointKind::FineTuned {
-        task: task_from_keys(&has, max_layer),
-        with_teacher,
-    }
+    CheckpointKind::FineTuned { task: task_from_keys(&has, max_layer), with_teacher }
 }

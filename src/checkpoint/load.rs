@@ -25,12 +25,7 @@ impl KeyReport {
     /// True when no teacher (`*_m.*`) tensor came from the checkpoint.
     pub fn teacher_missing(&self, store: &ParamStore) -> bool {
         let has_teacher = store.params().iter().any(|p| !p.trainable);
-        has_teacher
-            && store
-                .params()
-                .iter()
-                .filter(|p| !p.trainable)
-                .all(|p| self.missing.contains(&p.name))
+        has_teacher && store.params().iter().filter(|p| !p.trainable).all(|p| self.missing.contains(&p.name))
     }
 }
 
@@ -58,12 +53,7 @@ impl fmt::Display for KeyReport {
             )?;
         }
         if !self.unexpected.is_empty() {
-            writeln!(
-                f,
-                "warning: unexpected ({}), ignored:\n    {}",
-                self.unexpected.len(),
-                group(&self.unexpected)
-            )?;
+            writeln!(f, "warning: unexpected ({}), ignored:\n    {}", self.unexpected.len(), group(&self.unexpected))?;
         }
         for n in &self.notes {
             writeln!(f, "note: {n}")?;
@@ -101,21 +91,13 @@ pub fn load_into(store: &ParamStore, sd: &StateDict) -> Result<KeyReport> {
             continue;
         };
         let mut value = value.clone();
-        if value.dims() != var.dims()
-            && key.ends_with("pos_embed")
-            && value.rank() == 3
-            && var.rank() == 3
-        {
+        if value.dims() != var.dims() && key.ends_with("pos_embed") && value.rank() == 3 && var.rank() == 3 {
             let (old, new) = (value.dim(1)?, var.dim(1)?);
             value = interpolate_pos_embed(&value, new - 1, 1)?;
             report.interpolated.push((key.clone(), old, new));
         }
         if value.dims() != var.dims() {
-            errors.push(format!(
-                "{key}: checkpoint has shape {:?}, model expects {:?}",
-                value.dims(),
-                var.dims()
-            ));
+            errors.push(format!("{key}: checkpoint has shape {:?}, model expects {:?}", value.dims(), var.dims()));
             continue;
         }
         var.set(&value.to_dtype(var.dtype())?.contiguous()?)?;

@@ -3,9 +3,7 @@
 use super::io::StateDict;
 
 /// Which reference script's loading code to mirror.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     Pretrain,
@@ -40,12 +38,7 @@ pub fn source_kind(sd: &StateDict) -> SourceKind {
 /// Applies the remap the reference script for `task` applies (`evaluate` = its `--evaluate`
 /// flag). Unlike the reference, a remap meant for pre-trained files is skipped on a file that is
 /// already in task layout (issues #7, #101); the returned notes say what was done.
-pub fn remap(
-    task: Task,
-    sd: StateDict,
-    evaluate: bool,
-    fusion_layer: usize,
-) -> (StateDict, Vec<String>) {
+pub fn remap(task: Task, sd: StateDict, evaluate: bool, fusion_layer: usize) -> (StateDict, Vec<String>) {
     let kind = source_kind(&sd);
     let mut notes = Vec::new();
     let wants = match task {
@@ -59,7 +52,10 @@ pub fn remap(
     }
     if kind != SourceKind::Pretrained {
         if task == Task::Vqa {
-            notes.push("checkpoint is already in VQA layout: decoder remap skipped (the reference would break it, issue #101)".into());
+            notes.push(
+                "checkpoint is already in VQA layout: decoder remap skipped (the reference would break it, issue #101)"
+                    .into(),
+            );
         }
         return (sd, notes);
     }
@@ -75,15 +71,7 @@ pub fn remap(
 
 /// Every key containing `bert` loses its first `bert.`: `text_encoder.bert.X → text_encoder.X`.
 fn strip_bert(sd: StateDict) -> StateDict {
-    sd.into_iter()
-        .map(|(k, v)| {
-            if k.contains("bert") {
-                (k.replacen("bert.", "", 1), v)
-            } else {
-                (k, v)
-            }
-        })
-        .collect()
+    sd.into_iter().map(|(k, v)| if k.contains("bert") { (k.replacen("bert.", "", 1), v) } else { (k, v) }).collect()
 }
 
 /// VQA.py: the encoder keeps all layers (copies without `bert.`); the decoder gets the
@@ -121,17 +109,10 @@ fn nlvr_duplicate_layers(sd: StateDict, fusion_layer: usize) -> StateDict {
     let mut out = StateDict::new();
     for (key, value) in sd {
         let parts: Vec<&str> = key.split('.').collect();
-        let layer = if key.contains("layer") {
-            parts.get(3).and_then(|s| s.parse::<usize>().ok())
-        } else {
-            None
-        };
+        let layer = if key.contains("layer") { parts.get(3).and_then(|s| s.parse::<usize>().ok()) } else { None };
         match layer {
             Some(n) if n >= fusion_layer => {
-                for new in [
-                    fusion_layer + 2 * (n - fusion_layer),
-                    fusion_layer + 2 * (n - fusion_layer) + 1,
-                ] {
+                for new in [fusion_layer + 2 * (n - fusion_layer), fusion_layer + 2 * (n - fusion_layer) + 1] {
                     let mut p: Vec<String> = parts.iter().map(|s| s.to_string()).collect();
                     p[3] = new.to_string();
                     out.insert(p.join("."), value.clone());

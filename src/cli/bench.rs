@@ -3,13 +3,16 @@
 //! work done with candle's plain `Tensor::matmul` on the same shapes (the floor of what the
 //! model's matmuls cost), so the ratio shows the overhead of everything around the matmuls.
 
+use albef::eval::retrieval::{score_matrices, Encoded};
 use albef::model::bert::{BertModel, CrossStates, Layout, Mode};
 use albef::model::vit::VisionTransformer;
-use albef::model::ModelConfig;
+use albef::model::{ContrastiveModel, ModelConfig, Objective};
 use albef::nn::ParamStore;
+use albef::train::optim::AdamW;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
+use rand::SeedableRng;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -27,6 +30,15 @@ pub struct BenchArgs {
     text_len: usize,
     #[arg(long, default_value_t = 384)]
     image_res: usize,
+    /// Sections to run: vit, fusion, rerank, train.
+    #[arg(long, value_delimiter = ',', default_value = "vit,fusion,rerank,train")]
+    only: Vec<String>,
+    /// Retrieval training-step batch.
+    #[arg(long, default_value_t = 4)]
+    train_batch: usize,
+    /// ITM re-rank candidates per image (k_test).
+    #[arg(long, default_value_t = 32)]
+    k_test: usize,
 }
 
 fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
@@ -80,58 +92,111 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dev = Device::Cpu;
     let mut cfg = ModelConfig::default();
     cfg.vision.image_res = a.image_res;
-    let store = ParamStore::new(&dev, 0);
-    let vit = VisionTransformer::new(&store.root(false), &cfg.vision)?;
-    let image = Tensor::randn(
-        0f32,
-        1.0,
-        (a.image_batch, 3, a.image_res, a.image_res),
-        &dev,
-    )?;
     let tokens = cfg.vision.num_patches() + 1;
+    let want = |s: &str| a.only.iter().any(|o| o == s);
     println!("threads: {}", candle_core::utils::get_num_threads());
 
-    let t_vit = time(a.reps, || {
-        vit.forward(&image).map(|_| ()).map_err(Into::into)
-    })?;
-    let mut floor = matmul_floor(a.image_batch, tokens, 768, 12, tokens, false, &dev)?;
-    let t_floor = time(a.reps, &mut floor)? * cfg.vision.depth as f64;
-    println!(
-        "image encoder ViT-B/16 @{} px, batch {}: {:.3} s/batch, {:.2} images/s  (matmul floor {:.3} s, ratio {:.2}x)",
-        a.image_res,
-        a.image_batch,
-        t_vit,
-        a.image_batch as f64 / t_vit,
-        t_floor,
-        t_vit / t_floor
-    );
+    if want("vit") {
+        let store = ParamStore::new(&dev, 0);
+        let vit = VisionTransformer::new(&store.root(false), &cfg.vision)?;
+        let image = Tensor::randn(0f32, 1.0, (a.image_batch, 3, a.image_res, a.image_res), &dev)?;
+        let t_vit = time(a.reps, || vit.forward(&image).map(|_| ()).map_err(Into::into))?;
+        let mut floor = matmul_floor(a.image_batch, tokens, 768, 12, tokens, false, &dev)?;
+        let t_floor = time(a.reps, &mut floor)? * cfg.vision.depth as f64;
+        println!(
+            "image encoder ViT-B/16 @{} px, batch {}: {:.3} s/batch, {:.2} images/s  (matmul floor {:.3} s, ratio {:.2}x)",
+            a.image_res,
+            a.image_batch,
+            t_vit,
+            a.image_batch as f64 / t_vit,
+            t_floor,
+            t_vit / t_floor
+        );
+    }
 
-    let bert = BertModel::new(
-        &store.root(false).pp("text_encoder"),
-        &cfg.bert,
-        Layout::Encoder,
-    )?;
-    let text = Tensor::randn(0f32, 1.0, (a.text_batch, a.text_len, 768), &dev)?;
-    let mask = Tensor::ones((a.text_batch, a.text_len), DType::I64, &dev)?;
-    let img_states = Tensor::randn(0f32, 1.0, (a.text_batch, tokens, 768), &dev)?;
-    let cross = [CrossStates::image(&img_states)];
-    let t_fusion = time(a.reps, || {
-        bert.forward_embeds(&text, &mask, &cross, Mode::Fusion, false)
-            .map(|_| ())
-            .map_err(Into::into)
-    })?;
-    let fusion_layers = cfg.bert.num_hidden_layers - cfg.bert.fusion_layer;
-    let mut floor = matmul_floor(a.text_batch, a.text_len, 768, 12, tokens, true, &dev)?;
-    let t_floor = time(a.reps, &mut floor)? * fusion_layers as f64;
-    println!(
-        "fusion layers (6 x self+cross attention), batch {} x {} tokens vs {} image tokens: {:.3} s/batch, {:.1} pairs/s  (matmul floor {:.3} s, ratio {:.2}x)",
-        a.text_batch,
-        a.text_len,
-        tokens,
-        t_fusion,
-        a.text_batch as f64 / t_fusion,
-        t_floor,
-        t_fusion / t_floor
-    );
+    if want("fusion") {
+        let store = ParamStore::new(&dev, 0);
+        let bert = BertModel::new(&store.root(false).pp("text_encoder"), &cfg.bert, Layout::Encoder)?;
+        let text = Tensor::randn(0f32, 1.0, (a.text_batch, a.text_len, 768), &dev)?;
+        let mask = Tensor::ones((a.text_batch, a.text_len), DType::I64, &dev)?;
+        let img_states = Tensor::randn(0f32, 1.0, (a.text_batch, tokens, 768), &dev)?;
+        let cross = [CrossStates::image(&img_states)];
+        let t_fusion = time(a.reps, || {
+            bert.forward_embeds(&text, &mask, &cross, Mode::Fusion, false).map(|_| ()).map_err(Into::into)
+        })?;
+        let fusion_layers = cfg.bert.num_hidden_layers - cfg.bert.fusion_layer;
+        let mut floor = matmul_floor(a.text_batch, a.text_len, 768, 12, tokens, true, &dev)?;
+        let t_floor = time(a.reps, &mut floor)? * fusion_layers as f64;
+        println!(
+            "fusion layers (6 x self+cross attention), batch {} x {} tokens vs {} image tokens: {:.3} s/batch, {:.1} pairs/s  (matmul floor {:.3} s, ratio {:.2}x)",
+            a.text_batch,
+            a.text_len,
+            tokens,
+            t_fusion,
+            a.text_batch as f64 / t_fusion,
+            t_floor,
+            t_fusion / t_floor
+        );
+    }
+
+    if want("rerank") || want("train") {
+        let model = ContrastiveModel::new(&cfg, Objective::Retrieval, &dev, 0)?;
+        let n_img = 2;
+        let images = Tensor::randn(0f32, 1.0, (n_img, 3, a.image_res, a.image_res), &dev)?;
+        let texts = a.k_test.max(a.train_batch);
+        let ids = Tensor::from_vec(
+            (0..texts * a.text_len)
+                .map(|i| if i % a.text_len == 0 { 101i64 } else { 1000 + (i as i64 * 31) % 20000 })
+                .collect::<Vec<_>>(),
+            (texts, a.text_len),
+            &dev,
+        )?;
+        let mask = Tensor::ones((texts, a.text_len), DType::I64, &dev)?;
+        if want("rerank") {
+            // Evaluation: encode, then ITM on the top-k texts of every image and the top-k images
+            // of every text (here: all pairs in both directions).
+            let (image_feats, image_embeds) = model.encode_image(&images)?;
+            let (text_feats, text_embeds) = model.encode_text(&ids, &mask)?;
+            let enc = Encoded { image_feats, image_embeds, text_feats, text_mask: mask.clone(), text_embeds };
+            let k = a.k_test.min(texts);
+            let t = time(a.reps, || score_matrices(&model, &enc, k).map(|_| ()).map_err(Into::into))?;
+            let pairs = (n_img * k + texts * n_img.min(k)) as f64;
+            let fusion_only = time(a.reps, || {
+                let img = enc.image_feats.narrow(0, 0, 1)?.repeat((k, 1, 1))?;
+                model
+                    .fuse(&enc.text_feats.narrow(0, 0, k)?, &enc.text_mask.narrow(0, 0, k)?, &img)
+                    .map(|_| ())
+                    .map_err(Into::into)
+            })?;
+            println!(
+                "retrieval evaluation, ITM re-rank (k_test {k}): {:.1} pairs/s  (baseline: the reference's way, image states repeated per pair, {:.1} pairs/s; time ratio {:.2}x)",
+                pairs / t,
+                k as f64 / fusion_only,
+                t / pairs / (fusion_only / k as f64)
+            );
+        }
+        if want("train") {
+            let b = a.train_batch;
+            let image = Tensor::randn(0f32, 1.0, (b, 3, a.image_res, a.image_res), &dev)?;
+            let (ids, mask) = (ids.narrow(0, 0, b)?, mask.narrow(0, 0, b)?);
+            let idx = Tensor::arange(0i64, b as i64, &dev)?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            let mut optimizer = AdamW::new(&model.store, 0.02)?;
+            let t_train = time(1, || {
+                let l = model.forward_train(&image, &ids, &mask, Some(&idx), 0.4, None, &mut rng, true)?;
+                optimizer.step(&l.total()?.backward()?, 1e-5)?;
+                Ok(())
+            })?;
+            let t_fwd = time(1, || model.encode_image(&image).map(|_| ()).map_err(Into::into))?;
+            println!(
+                "retrieval training step (ITC + ITM, teacher, backward, AdamW), batch {b} @{} px: {:.1} s/step, {:.3} images/s  (baseline: the image encoder forward alone, {:.1} s, ratio {:.1}x)",
+                a.image_res,
+                t_train,
+                b as f64 / t_train,
+                t_fwd,
+                t_train / t_fwd
+            );
+        }
+    }
     Ok(())
 }

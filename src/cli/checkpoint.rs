@@ -49,11 +49,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     if !a.summary {
         let width = ckpt.tensors.keys().map(|k| k.len()).max().unwrap_or(0);
         for (name, t) in &ckpt.tensors {
-            println!(
-                "  {name:width$}  {:<8} {:?}",
-                format!("{:?}", t.dtype()),
-                t.dims()
-            );
+            println!("  {name:width$}  {:<8} {:?}", format!("{:?}", t.dtype()), t.dims());
         }
     }
     if let Some(task) = a.task {

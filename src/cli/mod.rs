@@ -13,11 +13,7 @@ pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         n if n.starts_with("cuda") => {
-            let ordinal = n
-                .strip_prefix("cuda:")
-                .map(|i| i.parse::<usize>())
-                .transpose()?
-                .unwrap_or(0);
+            let ordinal = n.strip_prefix("cuda:").map(|i| i.parse::<usize>()).transpose()?.unwrap_or(0);
             if !cfg!(feature = "cuda") {
                 bail!("--device {n}: this albef was built without CUDA (rebuild with `cargo build --release --features cuda`)");
             }

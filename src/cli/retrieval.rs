@@ -10,19 +10,10 @@ pub struct RetrievalArgs {
     /// Task YAML (configs/Retrieval_flickr.yaml, configs/Retrieval_coco.yaml).
     #[arg(long, default_value = "./configs/Retrieval_flickr.yaml")]
     config: PathBuf,
-    #[arg(
-        long = "output_dir",
-        alias = "output-dir",
-        default_value = "output/Retrieval_flickr"
-    )]
+    #[arg(long = "output_dir", alias = "output-dir", default_value = "output/Retrieval_flickr")]
     output_dir: PathBuf,
     /// Local bert-base-uncased folder (vocab.txt or tokenizer.json).
-    #[arg(
-        long = "text_encoder",
-        alias = "textencoder",
-        alias = "text-encoder",
-        default_value = "bert-base-uncased"
-    )]
+    #[arg(long = "text_encoder", alias = "textencoder", alias = "text-encoder", default_value = "bert-base-uncased")]
     text_encoder: PathBuf,
     /// ALBEF.pth, a fine-tuned file, or a checkpoint albef wrote.
     #[arg(long)]
@@ -43,6 +34,9 @@ pub struct RetrievalArgs {
     /// Loader worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Stop after this many epochs; continue later with --resume.
+    #[arg(long = "stop-after-epoch")]
+    stop_after_epoch: Option<usize>,
     /// Accepted for compatibility with the reference; one process runs on one device.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     distributed: Option<String>,
@@ -65,6 +59,7 @@ pub fn run_cli(a: RetrievalArgs) -> Result<()> {
         seed: a.seed,
         device,
         workers: a.workers,
+        stop_after_epoch: a.stop_after_epoch,
     };
     let metrics = run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&metrics)?);

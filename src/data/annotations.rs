@@ -6,10 +6,9 @@ use std::path::Path;
 
 /// A JSON file whose top level must be a list of objects.
 pub fn read_list(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read annotation file {}", path.display()))?;
-    let value: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read annotation file {}", path.display()))?;
+    let value: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     match value {
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
@@ -19,11 +18,7 @@ pub fn read_list(path: &Path) -> Result<Vec<Value>> {
             }
             Ok(items)
         }
-        other => bail!(
-            "{}: expected a JSON list of entries, found {}",
-            path.display(),
-            kind(&other)
-        ),
+        other => bail!("{}: expected a JSON list of entries, found {}", path.display(), kind(&other)),
     }
 }
 
@@ -47,13 +42,9 @@ pub struct Entry<'a> {
 
 impl<'a> Entry<'a> {
     pub fn get(&self, field: &str) -> Result<&'a Value> {
-        self.value.get(field).with_context(|| {
-            format!(
-                "{}: entry {} has no field '{field}'",
-                self.file.display(),
-                self.index
-            )
-        })
+        self.value
+            .get(field)
+            .with_context(|| format!("{}: entry {} has no field '{field}'", self.file.display(), self.index))
     }
 
     pub fn str(&self, field: &str) -> Result<&'a str> {
@@ -92,8 +83,5 @@ impl<'a> Entry<'a> {
 
 /// Iterates the entries of a list read by [`read_list`].
 pub fn entries<'a>(file: &'a Path, items: &'a [Value]) -> impl Iterator<Item = Entry<'a>> {
-    items
-        .iter()
-        .enumerate()
-        .map(move |(index, value)| Entry { file, index, value })
+    items.iter().enumerate().map(move |(index, value)| Entry { file, index, value })
 }

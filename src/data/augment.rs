@@ -6,12 +6,7 @@ use super::transform::{resize_bicubic, RgbImage};
 use rand::Rng;
 
 /// `RandomResizedCrop(size, scale, ratio=(3/4, 4/3), BICUBIC)` as torchvision's `get_params`.
-pub fn random_resized_crop<R: Rng>(
-    img: &RgbImage,
-    size: usize,
-    scale: (f64, f64),
-    rng: &mut R,
-) -> RgbImage {
+pub fn random_resized_crop<R: Rng>(img: &RgbImage, size: usize, scale: (f64, f64), rng: &mut R) -> RgbImage {
     let (w_img, h_img) = (img.width as f64, img.height as f64);
     let area = w_img * h_img;
     let (r0, r1) = (3.0f64 / 4.0, 4.0f64 / 3.0);
@@ -49,11 +44,7 @@ pub fn crop(img: &RgbImage, x: usize, y: usize, w: usize, h: usize) -> RgbImage 
         let start = (row * img.width + x) * 3;
         data.extend_from_slice(&img.data[start..start + w * 3]);
     }
-    RgbImage {
-        width: w,
-        height: h,
-        data,
-    }
+    RgbImage { width: w, height: h, data }
 }
 
 pub fn hflip(img: &RgbImage) -> RgbImage {
@@ -63,11 +54,7 @@ pub fn hflip(img: &RgbImage) -> RgbImage {
             data.extend_from_slice(px);
         }
     }
-    RgbImage {
-        width: img.width,
-        height: img.height,
-        data,
-    }
+    RgbImage { width: img.width, height: img.height, data }
 }
 
 /// The ten operations ALBEF samples from (colour ops were removed on purpose upstream).
@@ -103,9 +90,7 @@ const FILL: u8 = 128;
 
 /// `RandomAugment(N, M)`: N ops drawn with replacement, each applied with probability 0.5.
 pub fn random_augment<R: Rng>(img: &RgbImage, n: usize, level: f64, rng: &mut R) -> RgbImage {
-    let ops: Vec<Op> = (0..n)
-        .map(|_| OPS[rng.random_range(0..OPS.len())])
-        .collect();
+    let ops: Vec<Op> = (0..n).map(|_| OPS[rng.random_range(0..OPS.len())]).collect();
     let mut img = img.clone();
     for op in ops {
         if rng.random::<f64>() > 0.5 {
@@ -132,14 +117,8 @@ fn apply<R: Rng>(img: &RgbImage, op: Op, level: f64, rng: &mut R) -> RgbImage {
         Op::AutoContrast => per_channel_lut(img, autocontrast_lut),
         Op::Equalize => per_channel_lut(img, equalize_lut),
         Op::Brightness => {
-            let lut: Vec<u8> = (0..256)
-                .map(|v| (v as f32 * enhance as f32).clamp(0.0, 255.0) as u8)
-                .collect();
-            RgbImage {
-                width: img.width,
-                height: img.height,
-                data: img.data.iter().map(|&v| lut[v as usize]).collect(),
-            }
+            let lut: Vec<u8> = (0..256).map(|v| (v as f32 * enhance as f32).clamp(0.0, 255.0) as u8).collect();
+            RgbImage { width: img.width, height: img.height, data: img.data.iter().map(|&v| lut[v as usize]).collect() }
         }
         Op::Sharpness => sharpness(img, enhance as f32),
         Op::ShearX => {
@@ -163,13 +142,7 @@ fn apply<R: Rng>(img: &RgbImage, op: Op, level: f64, rng: &mut R) -> RgbImage {
             let (cx, cy) = (img.width as f64 / 2.0, img.height as f64 / 2.0);
             let (a, b) = (deg.to_radians().cos(), deg.to_radians().sin());
             // cv2.getRotationMatrix2D(center, deg, 1)
-            warp_affine(
-                img,
-                [
-                    [a, b, (1.0 - a) * cx - b * cy],
-                    [-b, a, b * cx + (1.0 - a) * cy],
-                ],
-            )
+            warp_affine(img, [[a, b, (1.0 - a) * cx - b * cy], [-b, a, b * cx + (1.0 - a) * cy]])
         }
     }
 }
@@ -186,19 +159,9 @@ fn per_channel_lut(img: &RgbImage, make: fn(&[u32; 256], usize) -> [u8; 256]) ->
     let data = img
         .data
         .chunks(3)
-        .flat_map(|px| {
-            [
-                luts[0][px[0] as usize],
-                luts[1][px[1] as usize],
-                luts[2][px[2] as usize],
-            ]
-        })
+        .flat_map(|px| [luts[0][px[0] as usize], luts[1][px[1] as usize], luts[2][px[2] as usize]])
         .collect();
-    RgbImage {
-        width: img.width,
-        height: img.height,
-        data,
-    }
+    RgbImage { width: img.width, height: img.height, data }
 }
 
 /// `autocontrast_func(cutoff=0)`: stretch min..max to 0..255.
@@ -220,11 +183,7 @@ fn autocontrast_lut(hist: &[u32; 256], _n: usize) -> [u8; 256] {
 /// `equalize_func`: PIL's histogram equalisation.
 fn equalize_lut(hist: &[u32; 256], _n: usize) -> [u8; 256] {
     let nonzero: Vec<u32> = hist.iter().copied().filter(|&h| h != 0).collect();
-    let step = nonzero[..nonzero.len().saturating_sub(1)]
-        .iter()
-        .map(|&h| h as u64)
-        .sum::<u64>()
-        / 255;
+    let step = nonzero[..nonzero.len().saturating_sub(1)].iter().map(|&h| h as u64).sum::<u64>() / 255;
     let mut lut = [0u8; 256];
     if step == 0 {
         for (v, o) in lut.iter_mut().enumerate() {
@@ -264,11 +223,7 @@ fn sharpness(img: &RgbImage, factor: f32) -> RgbImage {
             }
         }
     }
-    RgbImage {
-        width: w,
-        height: h,
-        data: out,
-    }
+    RgbImage { width: w, height: h, data: out }
 }
 
 /// `cv2.warpAffine(img, M, (W, H), INTER_LINEAR, borderValue=128)`: M maps source to
@@ -277,16 +232,8 @@ fn sharpness(img: &RgbImage, factor: f32) -> RgbImage {
 fn warp_affine(img: &RgbImage, m: [[f64; 3]; 2]) -> RgbImage {
     let det = m[0][0] * m[1][1] - m[0][1] * m[1][0];
     let inv = [
-        [
-            m[1][1] / det,
-            -m[0][1] / det,
-            (m[0][1] * m[1][2] - m[1][1] * m[0][2]) / det,
-        ],
-        [
-            -m[1][0] / det,
-            m[0][0] / det,
-            (m[1][0] * m[0][2] - m[0][0] * m[1][2]) / det,
-        ],
+        [m[1][1] / det, -m[0][1] / det, (m[0][1] * m[1][2] - m[1][1] * m[0][2]) / det],
+        [-m[1][0] / det, m[0][0] / det, (m[1][0] * m[0][2] - m[0][0] * m[1][2]) / det],
     ];
     let (w, h) = (img.width as i64, img.height as i64);
     let get = |x: i64, y: i64, c: usize| -> f64 {
@@ -312,21 +259,13 @@ fn warp_affine(img: &RgbImage, m: [[f64; 3]; 2]) -> RgbImage {
             }
         }
     }
-    RgbImage {
-        width: img.width,
-        height: img.height,
-        data,
-    }
+    RgbImage { width: img.width, height: img.height, data }
 }
 
 /// The fine-tuning train transform: crop (scale 0.5–1) → flip → RandomAugment(2, 7).
 pub fn train_augment<R: Rng>(img: &RgbImage, res: usize, scale_min: f64, rng: &mut R) -> RgbImage {
     let img = random_resized_crop(img, res, (scale_min, 1.0), rng);
-    let img = if rng.random::<f64>() < 0.5 {
-        hflip(&img)
-    } else {
-        img
-    };
+    let img = if rng.random::<f64>() < 0.5 { hflip(&img) } else { img };
     random_augment(&img, 2, 7.0, rng)
 }
 
@@ -336,14 +275,8 @@ mod tests {
     use rand::SeedableRng;
 
     fn gradient(w: usize, h: usize) -> RgbImage {
-        let data = (0..w * h)
-            .flat_map(|i| [(i % w * 255 / w) as u8, (i / w * 255 / h) as u8, 100])
-            .collect();
-        RgbImage {
-            width: w,
-            height: h,
-            data,
-        }
+        let data = (0..w * h).flat_map(|i| [(i % w * 255 / w) as u8, (i / w * 255 / h) as u8, 100]).collect();
+        RgbImage { width: w, height: h, data }
     }
 
     #[test]

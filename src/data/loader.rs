@@ -35,32 +35,15 @@ pub struct LoaderConfig {
 
 impl LoaderConfig {
     pub fn train(batch_size: usize, seed: u64) -> Self {
-        Self {
-            batch_size,
-            shuffle: true,
-            drop_last: true,
-            workers: default_workers(),
-            prefetch: 4,
-            seed,
-        }
+        Self { batch_size, shuffle: true, drop_last: true, workers: default_workers(), prefetch: 4, seed }
     }
     pub fn eval(batch_size: usize) -> Self {
-        Self {
-            batch_size,
-            shuffle: false,
-            drop_last: false,
-            workers: default_workers(),
-            prefetch: 4,
-            seed: 0,
-        }
+        Self { batch_size, shuffle: false, drop_last: false, workers: default_workers(), prefetch: 4, seed: 0 }
     }
 }
 
 pub fn default_workers() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(1, 8)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8)
 }
 
 /// SplitMix64 step, to derive independent seeds.
@@ -77,10 +60,7 @@ pub fn epoch_batches(len: usize, cfg: &LoaderConfig, epoch: u64) -> Vec<Vec<usiz
     if cfg.shuffle {
         order.shuffle(&mut StdRng::seed_from_u64(mix(cfg.seed, epoch)));
     }
-    let mut batches: Vec<Vec<usize>> = order
-        .chunks(cfg.batch_size.max(1))
-        .map(|c| c.to_vec())
-        .collect();
+    let mut batches: Vec<Vec<usize>> = order.chunks(cfg.batch_size.max(1)).map(|c| c.to_vec()).collect();
     if cfg.drop_last && batches.last().is_some_and(|b| b.len() < cfg.batch_size) {
         batches.pop();
     }
@@ -107,26 +87,16 @@ impl<D: Dataset> Loader<D> {
 
     /// Batches of `epoch`, starting at batch `skip` (earlier ones are not loaded).
     pub fn epoch(&self, epoch: u64, skip: usize) -> Batches<D::Item> {
-        let batches: Arc<Vec<Vec<usize>>> = Arc::new(
-            epoch_batches(self.dataset.len(), &self.cfg, epoch)
-                .into_iter()
-                .skip(skip)
-                .collect(),
-        );
+        let batches: Arc<Vec<Vec<usize>>> =
+            Arc::new(epoch_batches(self.dataset.len(), &self.cfg, epoch).into_iter().skip(skip).collect());
         let total = batches.len();
         let (tx, rx) = sync_channel(self.cfg.prefetch.max(1) * 2);
         let next = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let window = Arc::new((Mutex::new(0usize), Condvar::new()));
         for _ in 0..self.cfg.workers.max(1).min(total.max(1)) {
-            let (dataset, batches, tx, next, stop, window) = (
-                self.dataset.clone(),
-                batches.clone(),
-                tx.clone(),
-                next.clone(),
-                stop.clone(),
-                window.clone(),
-            );
+            let (dataset, batches, tx, next, stop, window) =
+                (self.dataset.clone(), batches.clone(), tx.clone(), next.clone(), stop.clone(), window.clone());
             let (prefetch, seed) = (self.cfg.prefetch.max(1), mix(self.cfg.seed, epoch));
             std::thread::spawn(move || loop {
                 let b = next.fetch_add(1, Ordering::SeqCst);
@@ -153,14 +123,7 @@ impl<D: Dataset> Loader<D> {
                 }
             });
         }
-        Batches {
-            rx,
-            pending: BTreeMap::new(),
-            next: 0,
-            total,
-            stop,
-            window,
-        }
+        Batches { rx, pending: BTreeMap::new(), next: 0, total, stop, window }
     }
 }
 
@@ -195,11 +158,7 @@ impl<T> Iterator for Batches<T> {
                 Ok((b, items)) => {
                     self.pending.insert(b, items);
                 }
-                Err(_) => {
-                    return Some(Err(anyhow::anyhow!(
-                        "data loader workers stopped unexpectedly"
-                    )))
-                }
+                Err(_) => return Some(Err(anyhow::anyhow!("data loader workers stopped unexpectedly"))),
             }
         }
         let out = self.pending.remove(&self.next);
@@ -239,14 +198,7 @@ mod tests {
 
     #[test]
     fn ordered_deterministic_and_complete() {
-        let cfg = LoaderConfig {
-            batch_size: 4,
-            shuffle: true,
-            drop_last: true,
-            workers: 3,
-            prefetch: 2,
-            seed: 7,
-        };
+        let cfg = LoaderConfig { batch_size: 4, shuffle: true, drop_last: true, workers: 3, prefetch: 2, seed: 7 };
         let loader = Loader::new(Arc::new(Numbers(23)), cfg.clone());
         let a: Vec<Vec<(usize, u32)>> = loader.epoch(0, 0).map(|b| b.unwrap()).collect();
         let b: Vec<Vec<(usize, u32)>> = loader.epoch(0, 0).map(|b| b.unwrap()).collect();
@@ -269,10 +221,6 @@ mod tests {
     fn errors_reach_the_consumer() {
         let loader = Loader::new(Arc::new(Numbers(1000)), LoaderConfig::eval(100));
         let results: Vec<Result<Vec<(usize, u32)>>> = loader.epoch(0, 0).collect();
-        assert!(results[9]
-            .as_ref()
-            .unwrap_err()
-            .to_string()
-            .contains("broken sample 999"));
+        assert!(results[9].as_ref().unwrap_err().to_string().contains("broken sample 999"));
     }
 }

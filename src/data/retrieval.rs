@@ -35,6 +35,7 @@ pub struct RetrievalTrain {
     entries: Vec<(ImageRef, String, i64)>,
     res: usize,
     scale_min: f64,
+    augment: bool,
 }
 
 impl RetrievalTrain {
@@ -51,28 +52,28 @@ impl RetrievalTrain {
                 let n = ids.len() as i64;
                 let idx = *ids.entry(key).or_insert(n);
                 out.push((
-                    ImageRef {
-                        path: image_root.join(image),
-                        origin: e.location(),
-                    },
+                    ImageRef { path: image_root.join(image), origin: e.location() },
                     pre_caption(caption, max_words),
                     idx,
                 ));
             }
         }
-        Ok(Self {
-            entries: out,
-            res,
-            scale_min: 0.5,
-        })
+        Ok(Self { entries: out, res, scale_min: 0.5, augment: true })
+    }
+
+    /// `false`: train on the evaluation transform (our `train_transform: resize`; the synthetic
+    /// captions say "left of", which a horizontal flip would make false).
+    pub fn with_augmentation(mut self, augment: bool) -> Self {
+        self.augment = augment;
+        self
+    }
+
+    pub fn images(&self) -> impl Iterator<Item = &ImageRef> {
+        self.entries.iter().map(|e| &e.0)
     }
 
     pub fn num_images(&self) -> usize {
-        self.entries
-            .iter()
-            .map(|e| e.2)
-            .max()
-            .map_or(0, |m| m as usize + 1)
+        self.entries.iter().map(|e| e.2).max().map_or(0, |m| m as usize + 1)
     }
 }
 
@@ -83,12 +84,13 @@ impl Dataset for RetrievalTrain {
     }
     fn get(&self, index: usize, rng: &mut StdRng) -> Result<TrainSample> {
         let (image, caption, idx) = &self.entries[index];
-        let img = train_augment(&image.open()?, self.res, self.scale_min, rng);
-        Ok(TrainSample {
-            pixels: super::transform::to_normalized_chw(&img),
-            caption: caption.clone(),
-            idx: *idx,
-        })
+        let img = image.open()?;
+        let pixels = if self.augment {
+            super::transform::to_normalized_chw(&train_augment(&img, self.res, self.scale_min, rng))
+        } else {
+            eval_transform_host(&img, self.res)
+        };
+        Ok(TrainSample { pixels, caption: caption.clone(), idx: *idx })
     }
 }
 
@@ -104,16 +106,12 @@ pub struct RetrievalEval {
 impl RetrievalEval {
     pub fn new(file: &Path, image_root: &Path, res: usize, max_words: usize) -> Result<Self> {
         let items = read_list(file)?;
-        let (mut images, mut texts, mut img2txt, mut txt2img) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut images, mut texts, mut img2txt, mut txt2img) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for e in entries(file, &items) {
             let image = e.str("image")?;
             let captions = e.strings("caption")?;
             let img_id = images.len();
-            images.push(ImageRef {
-                path: image_root.join(image),
-                origin: e.location(),
-            });
+            images.push(ImageRef { path: image_root.join(image), origin: e.location() });
             let mut mine = Vec::new();
             for c in captions {
                 mine.push(texts.len());
@@ -122,13 +120,7 @@ impl RetrievalEval {
             }
             img2txt.push(mine);
         }
-        Ok(Self {
-            images,
-            texts,
-            img2txt,
-            txt2img,
-            res,
-        })
+        Ok(Self { images, texts, img2txt, txt2img, res })
     }
 }
 
@@ -140,4 +132,28 @@ impl Dataset for RetrievalEval {
     fn get(&self, index: usize, _rng: &mut StdRng) -> Result<Vec<f32>> {
         Ok(eval_transform_host(&self.images[index].open()?, self.res))
     }
+}
+
+/// Fails, naming the first missing files and their annotation entries, unless every image
+/// exists (a cheap check before a long run; `albef data check` also decodes them).
+pub fn check_images_exist<'a>(images: impl IntoIterator<Item = &'a ImageRef>) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let mut missing = Vec::new();
+    let mut count = 0usize;
+    for im in images {
+        if seen.insert(&im.path) && !im.path.is_file() {
+            count += 1;
+            if missing.len() < 5 {
+                missing.push(format!("{} ({})", im.path.display(), im.origin));
+            }
+        }
+    }
+    if count > 0 {
+        anyhow::bail!(
+            "{count} image file{} missing, e.g.:\n  {}",
+            if count == 1 { " is" } else { "s are" },
+            missing.join("\n  ")
+        );
+    }
+    Ok(())
 }

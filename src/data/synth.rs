@@ -25,24 +25,16 @@ const BACKGROUND: [u8; 3] = [128, 128, 128];
 
 /// Every word the grammar can produce (the vocabulary after the special tokens).
 pub const WORDS: [&str; 36] = [
-    "a", "an", "the", "and", "of", "to", "is", "there", "are", "in", "on", "image", "picture",
-    "left", "right", "above", "below", "small", "large", "circle", "square", "triangle", "red",
-    "green", "blue", "yellow", "purple", "orange", "white", "black", "one", "two", "three",
-    "shape", "shapes", "with",
+    "a", "an", "the", "and", "of", "to", "is", "there", "are", "in", "on", "image", "picture", "left", "right",
+    "above", "below", "small", "large", "circle", "square", "triangle", "red", "green", "blue", "yellow", "purple",
+    "orange", "white", "black", "one", "two", "three", "shape", "shapes", "with",
 ];
 
 /// Ids 0..103 as in bert-base-uncased: [PAD] 0, [unused*], [UNK] 100, [CLS] 101, [SEP] 102,
 /// [MASK] 103; then the words.
 pub fn vocab() -> Vec<String> {
-    let mut v: Vec<String> = (0..100)
-        .map(|i| {
-            if i == 0 {
-                "[PAD]".into()
-            } else {
-                format!("[unused{}]", i - 1)
-            }
-        })
-        .collect();
+    let mut v: Vec<String> =
+        (0..100).map(|i| if i == 0 { "[PAD]".into() } else { format!("[unused{}]", i - 1) }).collect();
     v.extend(["[UNK]", "[CLS]", "[SEP]", "[MASK]"].map(String::from));
     v.extend(WORDS.iter().map(|w| w.to_string()));
     v
@@ -100,27 +92,14 @@ impl Scene {
     pub fn captions(&self) -> Vec<String> {
         let s = &self.shapes;
         match s.len() {
-            1 => vec![
-                s[0].phrase(true),
-                format!("there is {} in the image", s[0].phrase(false)),
-            ],
+            1 => vec![s[0].phrase(true), format!("there is {} in the image", s[0].phrase(false))],
             2 => vec![
                 format!("{} to the left of {}", s[0].phrase(true), s[1].phrase(true)),
                 format!("{} and {}", s[0].phrase(false), s[1].phrase(false)),
             ],
             _ => vec![
-                format!(
-                    "{} to the left of {} and {}",
-                    s[0].phrase(true),
-                    s[1].phrase(true),
-                    s[2].phrase(true)
-                ),
-                format!(
-                    "three shapes {} {} and {}",
-                    s[0].phrase(false),
-                    s[1].phrase(false),
-                    s[2].phrase(false)
-                ),
+                format!("{} to the left of {} and {}", s[0].phrase(true), s[1].phrase(true), s[2].phrase(true)),
+                format!("three shapes {} {} and {}", s[0].phrase(false), s[1].phrase(false), s[2].phrase(false)),
             ],
         }
     }
@@ -161,14 +140,7 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        Self {
-            seed: 0,
-            train: 1000,
-            val: 100,
-            test: 100,
-            image_size: 64,
-            max_shapes: 2,
-        }
+        Self { seed: 0, train: 1000, val: 100, test: 100, image_size: 64, max_shapes: 2 }
     }
 }
 
@@ -182,28 +154,33 @@ pub struct SynthSummary {
 /// Writes `images/`, `retrieval_{train,val,test}.json` and `vocab.txt` under `out`.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
     let images_dir = out.join("images");
-    std::fs::create_dir_all(&images_dir)
-        .with_context(|| format!("cannot create {}", images_dir.display()))?;
+    std::fs::create_dir_all(&images_dir).with_context(|| format!("cannot create {}", images_dir.display()))?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut summary = SynthSummary::default();
-    for (split_i, (split, n)) in [("train", cfg.train), ("val", cfg.val), ("test", cfg.test)]
-        .into_iter()
-        .enumerate()
-    {
+    for (split_i, (split, n)) in [("train", cfg.train), ("val", cfg.val), ("test", cfg.test)].into_iter().enumerate() {
         let mut entries = Vec::new();
+        let mut used = std::collections::HashSet::new();
         for i in 0..n {
-            let scene = Scene::random(&mut rng, cfg.max_shapes);
+            // Evaluation images get distinct descriptions, so every query has one right answer.
+            let scene = loop {
+                let s = Scene::random(&mut rng, cfg.max_shapes);
+                let captions = s.captions();
+                if split == "train" || captions.iter().all(|c| !used.contains(c)) {
+                    used.extend(captions);
+                    break s;
+                }
+            };
             let name = format!("{split}_{i:05}.png");
             let path = images_dir.join(&name);
             let mut png = Vec::new();
-            scene
-                .render(cfg.image_size)
-                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+            scene.render(cfg.image_size).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
             write_atomic(&path, &png)?;
             let captions = scene.captions();
             if split == "train" {
                 for c in &captions {
-                    entries.push(json!({"image": format!("images/{name}"), "caption": c, "image_id": format!("{split}_{i}")}));
+                    entries.push(
+                        json!({"image": format!("images/{name}"), "caption": c, "image_id": format!("{split}_{i}")}),
+                    );
                     summary.train_captions += 1;
                 }
             } else {
@@ -211,15 +188,9 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
             }
         }
         summary.images[split_i] = n;
-        write_atomic(
-            &out.join(format!("retrieval_{split}.json")),
-            serde_json::to_string_pretty(&entries)?.as_bytes(),
-        )?;
+        write_atomic(&out.join(format!("retrieval_{split}.json")), serde_json::to_string_pretty(&entries)?.as_bytes())?;
     }
-    write_atomic(
-        &out.join("vocab.txt"),
-        (vocab().join("\n") + "\n").as_bytes(),
-    )?;
+    write_atomic(&out.join("vocab.txt"), (vocab().join("\n") + "\n").as_bytes())?;
     Ok(summary)
 }
 

@@ -2,10 +2,7 @@
 
 /// Characters the reference deletes: `, . ' ! ? " ( ) * # : ; ~`.
 fn is_deleted(c: char) -> bool {
-    matches!(
-        c,
-        ',' | '.' | '\'' | '!' | '?' | '"' | '(' | ')' | '*' | '#' | ':' | ';' | '~'
-    )
+    matches!(c, ',' | '.' | '\'' | '!' | '?' | '"' | '(' | ')' | '*' | '#' | ':' | ';' | '~')
 }
 
 /// Python's `str.isspace` (what `\s` matches in a `re` str pattern).
@@ -71,14 +68,8 @@ mod tests {
 
     #[test]
     fn caption_rules() {
-        assert_eq!(
-            pre_caption("A man, riding-a horse!", 30),
-            "a man riding a horse"
-        );
-        assert_eq!(
-            pre_caption("  <person>  walks/runs  ", 30),
-            "person walks runs"
-        );
+        assert_eq!(pre_caption("A man, riding-a horse!", 30), "a man riding a horse");
+        assert_eq!(pre_caption("  <person>  walks/runs  ", 30), "person walks runs");
         assert_eq!(pre_caption("one two three", 2), "one two");
         assert_eq!(pre_question("  What is it? ", 30), "  what is it");
     }

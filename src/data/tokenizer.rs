@@ -38,12 +38,7 @@ impl Encoded {
     pub fn to_tensors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
         let b = self.input_ids.len();
         let l = self.input_ids.first().map_or(0, |r| r.len());
-        let flat = |rows: &Vec<Vec<u32>>| {
-            rows.iter()
-                .flatten()
-                .map(|&x| x as i64)
-                .collect::<Vec<i64>>()
-        };
+        let flat = |rows: &Vec<Vec<u32>>| rows.iter().flatten().map(|&x| x as i64).collect::<Vec<i64>>();
         Ok((
             Tensor::from_vec(flat(&self.input_ids), (b, l), device)?,
             Tensor::from_vec(flat(&self.attention_mask), (b, l), device)?,
@@ -101,22 +96,25 @@ impl Tokenizer {
             } else if path.join("tokenizer.json").is_file() {
                 (path.join("tokenizer.json"), lowercase)
             } else {
-                bail!("{} has neither vocab.txt nor tokenizer.json (expected a local bert-base-uncased folder)", path.display())
+                bail!(
+                    "{} has neither vocab.txt nor tokenizer.json (expected a local bert-base-uncased folder)",
+                    path.display()
+                )
             }
         } else if path.is_file() {
             (path.to_path_buf(), true)
         } else {
-            bail!("text encoder folder {} does not exist (give --text_encoder the local bert-base-uncased folder)", path.display())
+            bail!(
+                "text encoder folder {} does not exist (give --text_encoder the local bert-base-uncased folder)",
+                path.display()
+            )
         };
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
+        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
         let tokens: Vec<String> = if file.extension().is_some_and(|e| e == "json") {
             vocab_from_tokenizer_json(&text)
                 .with_context(|| format!("{} is not a WordPiece tokenizer.json", file.display()))?
         } else {
-            text.lines()
-                .map(|l| l.trim_end_matches('\r').to_string())
-                .collect()
+            text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect()
         };
         let tok = Self::from_tokens(tokens, lowercase);
         for s in SPECIAL {
@@ -129,16 +127,8 @@ impl Tokenizer {
 
     /// A tokenizer over the given vocabulary (line i = id i).
     pub fn from_tokens(tokens: Vec<String>, lowercase: bool) -> Self {
-        let vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        Self {
-            vocab,
-            inverse: tokens,
-            lowercase,
-        }
+        let vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        Self { vocab, inverse: tokens, lowercase }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -171,11 +161,7 @@ impl Tokenizer {
     /// `[CLS]` + ids of `text`, truncated to `max_len` ids in all when given.
     pub fn encode(&self, text: &str, max_len: Option<usize>) -> Vec<u32> {
         let mut ids = vec![CLS];
-        ids.extend(
-            self.tokenize(text)
-                .iter()
-                .map(|t| self.vocab.get(t).copied().unwrap_or(UNK)),
-        );
+        ids.extend(self.tokenize(text).iter().map(|t| self.vocab.get(t).copied().unwrap_or(UNK)));
         if let Some(m) = max_len {
             ids.truncate(m.max(1));
         }
@@ -187,10 +173,7 @@ impl Tokenizer {
             Padding::Longest { truncate_to } => (truncate_to, None),
             Padding::MaxLength(m) => (Some(m), Some(m)),
         };
-        let rows: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|t| self.encode(t.as_ref(), truncate))
-            .collect();
+        let rows: Vec<Vec<u32>> = texts.iter().map(|t| self.encode(t.as_ref(), truncate)).collect();
         let len = pad_to.unwrap_or_else(|| rows.iter().map(|r| r.len()).max().unwrap_or(1));
         let mut input_ids = Vec::with_capacity(rows.len());
         let mut attention_mask = Vec::with_capacity(rows.len());
@@ -202,10 +185,7 @@ impl Tokenizer {
             input_ids.push(ids);
             attention_mask.push(mask);
         }
-        Encoded {
-            input_ids,
-            attention_mask,
-        }
+        Encoded { input_ids, attention_mask }
     }
 
     /// HF `BasicTokenizer`: clean, split CJK, lower-case and strip accents, split punctuation.
@@ -229,10 +209,7 @@ impl Tokenizer {
         let mut out = Vec::new();
         for word in cleaned.split(is_whitespace).filter(|w| !w.is_empty()) {
             let word = if self.lowercase {
-                word.to_lowercase()
-                    .nfd()
-                    .filter(|c| c.general_category() != GeneralCategory::NonspacingMark)
-                    .collect()
+                word.to_lowercase().nfd().filter(|c| c.general_category() != GeneralCategory::NonspacingMark).collect()
             } else {
                 word.to_string()
             };
@@ -322,30 +299,20 @@ fn read_lowercase_flag(path: &Path) -> Result<bool> {
     if !path.is_file() {
         return Ok(true);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    Ok(v.get("do_lower_case")
-        .and_then(|x| x.as_bool())
-        .unwrap_or(true))
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(v.get("do_lower_case").and_then(|x| x.as_bool()).unwrap_or(true))
 }
 
 fn vocab_from_tokenizer_json(text: &str) -> Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_str(text)?;
-    let vocab = v
-        .pointer("/model/vocab")
-        .and_then(|x| x.as_object())
-        .ok_or_else(|| anyhow!("no model.vocab object"))?;
+    let vocab =
+        v.pointer("/model/vocab").and_then(|x| x.as_object()).ok_or_else(|| anyhow!("no model.vocab object"))?;
     let mut tokens = vec![String::new(); vocab.len()];
     for (tok, id) in vocab {
-        let id = id
-            .as_u64()
-            .ok_or_else(|| anyhow!("vocab id of {tok:?} is not an integer"))?
-            as usize;
-        let slot = tokens
-            .get_mut(id)
-            .ok_or_else(|| anyhow!("vocab id {id} of {tok:?} is out of range"))?;
+        let id = id.as_u64().ok_or_else(|| anyhow!("vocab id of {tok:?} is not an integer"))? as usize;
+        let slot = tokens.get_mut(id).ok_or_else(|| anyhow!("vocab id {id} of {tok:?} is out of range"))?;
         *slot = tok.clone();
     }
     Ok(tokens)
@@ -357,8 +324,8 @@ mod tests {
 
     fn vocab() -> Vec<String> {
         [
-            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "runn", "##ing",
-            ",", "cafe", "hello", "汉",
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "runn", "##ing", ",", "cafe",
+            "hello", "汉",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -368,15 +335,9 @@ mod tests {
     #[test]
     fn wordpiece_punctuation_accents_and_specials() {
         let t = Tokenizer::from_tokens(vocab(), true);
-        assert_eq!(
-            t.tokenize("UNaffable, running"),
-            ["un", "##aff", "##able", ",", "runn", "##ing"]
-        );
+        assert_eq!(t.tokenize("UNaffable, running"), ["un", "##aff", "##able", ",", "runn", "##ing"]);
         assert_eq!(t.tokenize("Café xyz"), ["cafe", "[UNK]"]);
-        assert_eq!(
-            t.tokenize("hello[SEP]汉字"),
-            ["hello", "[SEP]", "汉", "[UNK]"]
-        );
+        assert_eq!(t.tokenize("hello[SEP]汉字"), ["hello", "[SEP]", "汉", "[UNK]"]);
         // No trailing [SEP]; ids of this toy vocab put [CLS] at 2.
         assert_eq!(t.encode("hello", None).len(), 2);
     }

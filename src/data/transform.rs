@@ -27,18 +27,9 @@ impl RgbImage {
             .with_guessed_format()
             .with_context(|| format!("cannot read image {}", path.display()))?
             .decode()
-            .with_context(|| {
-                format!(
-                    "cannot decode image {} (truncated or not an image?)",
-                    path.display()
-                )
-            })?;
+            .with_context(|| format!("cannot decode image {} (truncated or not an image?)", path.display()))?;
         let rgb = img.to_rgb8();
-        Ok(Self {
-            width: rgb.width() as usize,
-            height: rgb.height() as usize,
-            data: rgb.into_raw(),
-        })
+        Ok(Self { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
     }
 }
 
@@ -70,9 +61,7 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let w: Vec<f64> = (xmin..xmax)
-                .map(|x| bicubic_filter((x as f64 - center + 0.5) * ss))
-                .collect();
+            let w: Vec<f64> = (xmin..xmax).map(|x| bicubic_filter((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = w.iter().sum();
             let k = w
                 .iter()
@@ -113,11 +102,7 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
                 }
             }
         }
-        cur = RgbImage {
-            width: out_w,
-            height: cur.height,
-            data,
-        };
+        cur = RgbImage { width: out_w, height: cur.height, data };
     }
     if out_h != cur.height {
         let coeffs = coefficients(cur.height, out_h);
@@ -134,11 +119,7 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
                 }
             }
         }
-        cur = RgbImage {
-            width: w,
-            height: out_h,
-            data,
-        };
+        cur = RgbImage { width: w, height: out_h, data };
     }
     cur
 }
@@ -186,9 +167,7 @@ mod tests {
         rgb.save(dir.join("flat.jpg")).unwrap();
         let img = RgbImage::open(&dir.join("flat.jpg")).unwrap();
         assert!(
-            img.data
-                .chunks(3)
-                .all(|p| (p[0] as i32 - 200).abs() <= 3 && (p[1] as i32 - 100).abs() <= 3),
+            img.data.chunks(3).all(|p| (p[0] as i32 - 200).abs() <= 3 && (p[1] as i32 - 100).abs() <= 3),
             "JPEG decoded"
         );
         let t = eval_transform(&img, 8, &Device::Cpu).unwrap();
@@ -200,11 +179,7 @@ mod tests {
 
     #[test]
     fn resize_to_same_size_is_identity() {
-        let img = RgbImage {
-            width: 2,
-            height: 2,
-            data: (0..12).collect(),
-        };
+        let img = RgbImage { width: 2, height: 2, data: (0..12).collect() };
         assert_eq!(resize_bicubic(&img, 2, 2), img);
     }
 }

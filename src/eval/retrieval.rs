@@ -21,54 +21,46 @@ pub struct Encoded {
     pub text_embeds: Tensor,
 }
 
-/// `(score_i2t (N_img, N_txt), score_t2i (N_txt, N_img))`.
-pub fn score_matrices(
-    model: &ContrastiveModel,
-    enc: &Encoded,
-    k_test: usize,
-) -> Result<(Scores, Scores)> {
-    let sims = enc
-        .image_embeds
-        .matmul(&enc.text_embeds.t()?)?
-        .to_vec2::<f32>()?;
-    let (ni, nt) = (sims.len(), enc.text_feats.dim(0)?);
+/// Texts per fusion call when scoring.
+const CHUNK: usize = 128;
+
+/// ITM class-1 logits of `texts` (indices) against image `i`; the image states are shared by
+/// the batch rather than repeated (same numbers, far fewer cross-attention projections).
+fn itm_scores(model: &ContrastiveModel, enc: &Encoded, i: usize, texts: &[usize]) -> Result<Vec<f32>> {
     let dev = enc.image_feats.device();
-    let idx_tensor = |v: &[usize]| {
-        Tensor::from_vec(
-            v.iter().map(|&x| x as u32).collect::<Vec<_>>(),
-            v.len(),
-            dev,
-        )
-    };
-    let mut i2t = vec![vec![-100f32; nt]; ni];
-    for (i, row) in sims.iter().enumerate() {
-        let top = topk_indices(row, k_test.min(nt));
-        let sel = idx_tensor(&top)?;
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(CHUNK) {
+        let sel = Tensor::from_vec(chunk.iter().map(|&x| x as u32).collect::<Vec<_>>(), chunk.len(), dev)?;
         let text = enc.text_feats.index_select(&sel, 0)?;
         let mask = enc.text_mask.index_select(&sel, 0)?;
-        let image = enc.image_feats.i(i..i + 1)?.repeat((top.len(), 1, 1))?;
-        let logits = model
-            .itm_logits(&model.fuse(&text, &mask, &image)?)?
-            .i((.., 1))?
-            .to_vec1::<f32>()?;
-        for (j, &t) in top.iter().enumerate() {
-            i2t[i][t] = logits[j];
+        let fused = model.fuse(&text, &mask, &enc.image_feats.i(i..i + 1)?)?;
+        out.extend(model.itm_logits(&fused)?.i((.., 1))?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// `(score_i2t (N_img, N_txt), score_t2i (N_txt, N_img))`: for each image its top-`k_test` texts
+/// by cosine similarity, for each text its top-`k_test` images, scored by the ITM logit; −100
+/// elsewhere. Text-to-image pairs are grouped by image, which changes no score.
+pub fn score_matrices(model: &ContrastiveModel, enc: &Encoded, k_test: usize) -> Result<(Scores, Scores)> {
+    let sims = enc.image_embeds.matmul(&enc.text_embeds.t()?)?.to_vec2::<f32>()?;
+    let (ni, nt) = (sims.len(), enc.text_feats.dim(0)?);
+    let mut i2t = vec![vec![-100f32; nt]; ni];
+    let mut by_image: Vec<Vec<usize>> = vec![Vec::new(); ni];
+    for t in 0..nt {
+        let col: Vec<f32> = sims.iter().map(|r| r[t]).collect();
+        for i in topk_indices(&col, k_test.min(ni)) {
+            by_image[i].push(t);
         }
     }
     let mut t2i = vec![vec![-100f32; ni]; nt];
-    for (t, row) in t2i.iter_mut().enumerate() {
-        let col: Vec<f32> = sims.iter().map(|r| r[t]).collect();
-        let top = topk_indices(&col, k_test.min(ni));
-        let sel = idx_tensor(&top)?;
-        let image = enc.image_feats.index_select(&sel, 0)?;
-        let text = enc.text_feats.i(t..t + 1)?.repeat((top.len(), 1, 1))?;
-        let mask = enc.text_mask.i(t..t + 1)?.repeat((top.len(), 1))?;
-        let logits = model
-            .itm_logits(&model.fuse(&text, &mask, &image)?)?
-            .i((.., 1))?
-            .to_vec1::<f32>()?;
-        for (j, &i) in top.iter().enumerate() {
-            row[i] = logits[j];
+    for (i, row) in sims.iter().enumerate() {
+        let top = topk_indices(row, k_test.min(nt));
+        for (&t, s) in top.iter().zip(itm_scores(model, enc, i, &top)?) {
+            i2t[i][t] = s;
+        }
+        for (&t, s) in by_image[i].iter().zip(itm_scores(model, enc, i, &by_image[i])?) {
+            t2i[t][i] = s;
         }
     }
     Ok((i2t, t2i))
@@ -81,15 +73,8 @@ pub type Metrics = indexmap::IndexMap<String, f64>;
 fn best_rank(scores: &[f32], truth: &[usize]) -> usize {
     // `np.argsort(score)[::-1]`: descending; position of the first ground-truth item.
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| {
-        scores[b]
-            .partial_cmp(&scores[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    order
-        .iter()
-        .position(|i| truth.contains(i))
-        .unwrap_or(order.len())
+    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap_or(std::cmp::Ordering::Equal));
+    order.iter().position(|i| truth.contains(i)).unwrap_or(order.len())
 }
 
 fn recall(ranks: &[usize], k: usize) -> f64 {
@@ -98,16 +83,8 @@ fn recall(ranks: &[usize], k: usize) -> f64 {
 
 /// `itm_eval`: R@1/5/10 both ways and their means.
 pub fn itm_eval(i2t: &Scores, t2i: &Scores, txt2img: &[usize], img2txt: &[Vec<usize>]) -> Metrics {
-    let tr: Vec<usize> = i2t
-        .iter()
-        .zip(img2txt)
-        .map(|(row, truth)| best_rank(row, truth))
-        .collect();
-    let ir: Vec<usize> = t2i
-        .iter()
-        .zip(txt2img)
-        .map(|(row, &truth)| best_rank(row, &[truth]))
-        .collect();
+    let tr: Vec<usize> = i2t.iter().zip(img2txt).map(|(row, truth)| best_rank(row, truth)).collect();
+    let ir: Vec<usize> = t2i.iter().zip(txt2img).map(|(row, &truth)| best_rank(row, &[truth])).collect();
     let (tr1, tr5, tr10) = (recall(&tr, 1), recall(&tr, 5), recall(&tr, 10));
     let (ir1, ir5, ir10) = (recall(&ir, 1), recall(&ir, 5), recall(&ir, 10));
     let (tr_mean, ir_mean) = ((tr1 + tr5 + tr10) / 3.0, (ir1 + ir5 + ir10) / 3.0);
@@ -138,12 +115,7 @@ mod tests {
         let i2t = vec![vec![0.1, 0.9, 0.2, 0.0], vec![0.8, 0.7, 0.1, 0.3]];
         let img2txt = vec![vec![0, 1], vec![2, 3]];
         // Texts 0, 1 prefer image 0; text 2 prefers image 0 (wrong); text 3 prefers image 1.
-        let t2i = vec![
-            vec![0.9, 0.1],
-            vec![0.8, 0.2],
-            vec![0.6, 0.4],
-            vec![0.1, 0.9],
-        ];
+        let t2i = vec![vec![0.9, 0.1], vec![0.8, 0.2], vec![0.6, 0.4], vec![0.1, 0.9]];
         let txt2img = vec![0, 0, 1, 1];
         let m = itm_eval(&i2t, &t2i, &txt2img, &img2txt);
         assert_eq!(m["txt_r1"], 50.0);

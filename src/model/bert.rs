@@ -6,7 +6,7 @@
 
 use super::config::BertConfig;
 use crate::nn::{
-    attention_context, attention_probs, dropout, Embedding, Init, LayerNorm, Linear, ParamBuilder,
+    attention_context, attention_probs, attention_shared_kv, dropout, Embedding, Init, LayerNorm, Linear, ParamBuilder,
 };
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -31,10 +31,7 @@ pub struct CrossStates {
 
 impl CrossStates {
     pub fn image(states: &Tensor) -> Self {
-        Self {
-            states: states.clone(),
-            mask: None,
-        }
+        Self { states: states.clone(), mask: None }
     }
 }
 
@@ -48,9 +45,7 @@ pub fn additive_mask(mask: &Tensor, big_negative: f64) -> Result<Tensor> {
 /// Causal decoder mask: lower-triangular × padding, additive (B, 1, L, L).
 fn causal_mask(mask: &Tensor) -> Result<Tensor> {
     let (b, l) = mask.dims2()?;
-    let tri: Vec<f32> = (0..l)
-        .flat_map(|i| (0..l).map(move |j| if j <= i { 1.0 } else { 0.0 }))
-        .collect();
+    let tri: Vec<f32> = (0..l).flat_map(|i| (0..l).map(move |j| if j <= i { 1.0 } else { 0.0 })).collect();
     let tri = Tensor::from_vec(tri, (1, 1, l, l), mask.device())?;
     let pad = mask.to_dtype(DType::F32)?.reshape((b, 1, 1, l))?;
     let m = tri.broadcast_mul(&pad)?;
@@ -71,12 +66,7 @@ struct Attention {
 
 impl Attention {
     /// `kv` builds key/value (a different prefix where NLVR2 shares them across layers).
-    fn new(
-        pb: &ParamBuilder,
-        kv: &ParamBuilder,
-        cfg: &BertConfig,
-        kv_width: usize,
-    ) -> Result<Self> {
+    fn new(pb: &ParamBuilder, kv: &ParamBuilder, cfg: &BertConfig, kv_width: usize) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             query: Linear::new(&pb.pp("self.query"), d, d)?,
@@ -90,20 +80,19 @@ impl Attention {
         })
     }
 
-    /// LN(x + Dense(Attn(q = x, kv = kv_states))).
-    fn forward(
-        &self,
-        x: &Tensor,
-        kv_states: &Tensor,
-        mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let probs = attention_probs(
-            &self.query.forward(x)?,
-            &self.key.forward(kv_states)?,
-            self.heads,
-            mask,
-        )?;
+    /// LN(x + Dense(Attn(q = x, kv = kv_states))). `kv_states` with batch 1 is shared by every
+    /// query row (evaluation: many candidate texts against one image).
+    fn forward(&self, x: &Tensor, kv_states: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        if kv_states.dim(0)? == 1 && x.dim(0)? > 1 && mask.is_none() && !train {
+            let ctx = attention_shared_kv(
+                &self.query.forward(x)?,
+                &self.key.forward(kv_states)?,
+                &self.value.forward(kv_states)?,
+                self.heads,
+            )?;
+            return self.norm.forward(&(self.dense.forward(&ctx)? + x)?);
+        }
+        let probs = attention_probs(&self.query.forward(x)?, &self.key.forward(kv_states)?, self.heads, mask)?;
         let probs = dropout(&probs, self.attn_dropout, train)?;
         let ctx = attention_context(&probs, &self.value.forward(kv_states)?, self.heads)?;
         let out = dropout(&self.dense.forward(&ctx)?, self.hidden_dropout, train)?;
@@ -133,11 +122,8 @@ impl Layer {
         if let (Some(attn), Some((states, cmask))) = (&self.cross, cross) {
             h = attn.forward(&h, states, cmask, train)?;
         }
-        let ff = self
-            .output
-            .forward(&self.intermediate.forward(&h)?.gelu_erf()?)?;
-        self.norm
-            .forward(&(dropout(&ff, self.hidden_dropout, train)? + h)?)
+        let ff = self.output.forward(&self.intermediate.forward(&h)?.gelu_erf()?)?;
+        self.norm.forward(&(dropout(&ff, self.hidden_dropout, train)? + h)?)
     }
 }
 
@@ -155,11 +141,7 @@ impl Embeddings {
         let d = cfg.hidden_size;
         Ok(Self {
             word: Embedding::new(&pb.pp("word_embeddings"), cfg.vocab_size, d)?,
-            position: Embedding::new(
-                &pb.pp("position_embeddings"),
-                cfg.max_position_embeddings,
-                d,
-            )?,
+            position: Embedding::new(&pb.pp("position_embeddings"), cfg.max_position_embeddings, d)?,
             token_type: Embedding::new(&pb.pp("token_type_embeddings"), cfg.type_vocab_size, d)?,
             norm: LayerNorm::new(&pb.pp("LayerNorm"), d, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob,
@@ -206,15 +188,8 @@ impl BertModel {
             let cross = if l >= cfg.fusion_layer {
                 let cp = lp.pp("crossattention");
                 let kv = if layout == Layout::SharedCrossKv && (l - cfg.fusion_layer) % 2 == 1 {
-                    let owner = pb
-                        .pp(format!("encoder.layer.{}", l - 1))
-                        .pp("crossattention");
-                    for name in [
-                        "self.key.weight",
-                        "self.key.bias",
-                        "self.value.weight",
-                        "self.value.bias",
-                    ] {
+                    let owner = pb.pp(format!("encoder.layer.{}", l - 1)).pp("crossattention");
+                    for name in ["self.key.weight", "self.key.bias", "self.value.weight", "self.value.bias"] {
                         pb.store().add_alias(&cp.path(name), &owner.path(name));
                     }
                     owner
@@ -226,37 +201,15 @@ impl BertModel {
                 None
             };
             layers.push(Layer {
-                attention: Attention::new(
-                    &lp.pp("attention"),
-                    &lp.pp("attention"),
-                    cfg,
-                    cfg.hidden_size,
-                )?,
+                attention: Attention::new(&lp.pp("attention"), &lp.pp("attention"), cfg, cfg.hidden_size)?,
                 cross,
-                intermediate: Linear::new(
-                    &lp.pp("intermediate.dense"),
-                    cfg.hidden_size,
-                    cfg.intermediate_size,
-                )?,
-                output: Linear::new(
-                    &lp.pp("output.dense"),
-                    cfg.intermediate_size,
-                    cfg.hidden_size,
-                )?,
-                norm: LayerNorm::new(
-                    &lp.pp("output.LayerNorm"),
-                    cfg.hidden_size,
-                    cfg.layer_norm_eps,
-                )?,
+                intermediate: Linear::new(&lp.pp("intermediate.dense"), cfg.hidden_size, cfg.intermediate_size)?,
+                output: Linear::new(&lp.pp("output.dense"), cfg.intermediate_size, cfg.hidden_size)?,
+                norm: LayerNorm::new(&lp.pp("output.LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
                 hidden_dropout: cfg.hidden_dropout_prob,
             });
         }
-        Ok(Self {
-            embeddings,
-            layers,
-            fusion_layer: cfg.fusion_layer,
-            layout,
-        })
+        Ok(Self { embeddings, layers, fusion_layer: cfg.fusion_layer, layout })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -295,10 +248,8 @@ impl BertModel {
             _ => additive_mask(mask, -10000.0)?,
         };
         // transformers' `invert_attention_mask`: −1e9 in fp32.
-        let cross_masks: Vec<Option<Tensor>> = cross
-            .iter()
-            .map(|c| c.mask.as_ref().map(|m| additive_mask(m, -1e9)).transpose())
-            .collect::<Result<_>>()?;
+        let cross_masks: Vec<Option<Tensor>> =
+            cross.iter().map(|c| c.mask.as_ref().map(|m| additive_mask(m, -1e9)).transpose()).collect::<Result<_>>()?;
         let mut h = x.clone();
         for l in range {
             let c = if l >= self.fusion_layer && !cross.is_empty() {
@@ -327,25 +278,13 @@ pub struct MlmHead {
 
 impl MlmHead {
     /// `pb` points at `…cls.predictions`; `bert_pb` at the BERT root whose word embeddings are tied.
-    pub fn new(
-        pb: &ParamBuilder,
-        bert_pb: &ParamBuilder,
-        cfg: &BertConfig,
-        embeddings: &Embeddings,
-    ) -> Result<Self> {
+    pub fn new(pb: &ParamBuilder, bert_pb: &ParamBuilder, cfg: &BertConfig, embeddings: &Embeddings) -> Result<Self> {
         let store = pb.store();
-        store.add_alias(
-            &pb.path("decoder.weight"),
-            &bert_pb.path("embeddings.word_embeddings.weight"),
-        );
+        store.add_alias(&pb.path("decoder.weight"), &bert_pb.path("embeddings.word_embeddings.weight"));
         store.add_alias(&pb.path("decoder.bias"), &pb.path("bias"));
         Ok(Self {
             dense: Linear::new(&pb.pp("transform.dense"), cfg.hidden_size, cfg.hidden_size)?,
-            norm: LayerNorm::new(
-                &pb.pp("transform.LayerNorm"),
-                cfg.hidden_size,
-                cfg.layer_norm_eps,
-            )?,
+            norm: LayerNorm::new(&pb.pp("transform.LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             decoder_weight: embeddings.word.weight.clone(),
             bias: pb.get(cfg.vocab_size, "bias", Init::Zeros)?,
         })
@@ -357,10 +296,7 @@ impl MlmHead {
         let dims = t.dims().to_vec();
         let d = *dims.last().unwrap();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let logits = t
-            .reshape((rows, d))?
-            .matmul(&self.decoder_weight.t()?)?
-            .broadcast_add(&self.bias)?;
+        let logits = t.reshape((rows, d))?.matmul(&self.decoder_weight.t()?)?.broadcast_add(&self.bias)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.bias.dim(0)?;
         logits.reshape(out)

@@ -29,10 +29,7 @@ impl ClassifierKind {
 
 /// The NLVR2 encoder config: `num_hidden_layers` forced to 18 by the reference.
 pub fn nlvr_bert_config(cfg: &ModelConfig) -> BertConfig {
-    BertConfig {
-        num_hidden_layers: cfg.nlvr_layers,
-        ..cfg.bert.clone()
-    }
+    BertConfig { num_hidden_layers: cfg.nlvr_layers, ..cfg.bert.clone() }
 }
 
 struct Branch {
@@ -42,12 +39,7 @@ struct Branch {
 }
 
 impl Branch {
-    fn new(
-        pb: &ParamBuilder,
-        cfg: &ModelConfig,
-        kind: ClassifierKind,
-        suffix: &str,
-    ) -> Result<Self> {
+    fn new(pb: &ParamBuilder, cfg: &ModelConfig, kind: ClassifierKind, suffix: &str) -> Result<Self> {
         let (bert_cfg, layout) = match kind {
             ClassifierKind::VisualEntailment => (cfg.bert.clone(), Layout::Encoder),
             ClassifierKind::Nlvr2 => (nlvr_bert_config(cfg), Layout::SharedCrossKv),
@@ -55,22 +47,11 @@ impl Branch {
         Ok(Self {
             visual: VisionTransformer::new(&pb.pp(format!("visual_encoder{suffix}")), &cfg.vision)?,
             text: BertModel::new(&pb.pp(format!("text_encoder{suffix}")), &bert_cfg, layout)?,
-            head: ClsHead::new(
-                &pb.pp(format!("cls_head{suffix}")),
-                cfg.bert.hidden_size,
-                kind.classes(),
-            )?,
+            head: ClsHead::new(&pb.pp(format!("cls_head{suffix}")), cfg.bert.hidden_size, kind.classes())?,
         })
     }
 
-    fn logits(
-        &self,
-        image: &Tensor,
-        ids: &Tensor,
-        mask: &Tensor,
-        kind: ClassifierKind,
-        train: bool,
-    ) -> Result<Tensor> {
+    fn logits(&self, image: &Tensor, ids: &Tensor, mask: &Tensor, kind: ClassifierKind, train: bool) -> Result<Tensor> {
         let image_embeds = self.visual.forward(image)?;
         let cross = match kind {
             ClassifierKind::VisualEntailment => vec![CrossStates::image(&image_embeds)],
@@ -82,9 +63,7 @@ impl Branch {
                 ]
             }
         };
-        let h = self
-            .text
-            .forward_ids(ids, mask, &cross, Mode::MultiModal, train)?;
+        let h = self.text.forward_ids(ids, mask, &cross, Mode::MultiModal, train)?;
         self.head.forward(&cls(&h)?)
     }
 }
@@ -99,12 +78,7 @@ pub struct ClassifierModel {
 }
 
 impl ClassifierModel {
-    pub fn new(
-        cfg: &ModelConfig,
-        kind: ClassifierKind,
-        device: &Device,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, kind: ClassifierKind, device: &Device, seed: u64) -> Result<Self> {
         let store = ParamStore::new(device, seed);
         store.set_init_std(cfg.init_std);
         let online = Branch::new(&store.root(true), cfg, kind, "")?;
@@ -116,14 +90,7 @@ impl ClassifierModel {
         } else {
             (None, None)
         };
-        Ok(Self {
-            store,
-            cfg: cfg.clone(),
-            kind,
-            online,
-            teacher,
-            ema,
-        })
+        Ok(Self { store, cfg: cfg.clone(), kind, online, teacher, ema })
     }
 
     /// Class logits (B, C). For NLVR2 `image` is (2B, 3, R, R): all left images, then all right.

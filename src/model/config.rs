@@ -47,8 +47,7 @@ impl BertConfig {
     pub fn from_json_file(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read BERT config {}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a valid BERT config: {e}", path.display()))
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a valid BERT config: {e}", path.display()))
     }
 }
 

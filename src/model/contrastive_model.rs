@@ -4,15 +4,12 @@
 
 use super::bert::{BertModel, CrossStates, Layout, MlmHead, Mode};
 use super::config::ModelConfig;
-use super::contrastive::{
-    identity_targets, idx_targets, itc, itm, negative_weights, ItcInputs, Negatives,
-};
+use super::contrastive::{identity_targets, idx_targets, itc, itm, negative_weights, ItcInputs, Negatives};
 use super::heads::cls;
 use super::momentum::{Ema, Queues};
 use super::vit::VisionTransformer;
 use crate::nn::{
-    cross_entropy, l2_normalize, soft_cross_entropy_per_row, softmax, Init, Linear, ParamBuilder,
-    ParamStore,
+    cross_entropy, l2_normalize, soft_cross_entropy_per_row, softmax, Init, Linear, ParamBuilder, ParamStore,
 };
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -37,48 +34,19 @@ struct Encoders {
 }
 
 impl Encoders {
-    fn new(
-        pb: &ParamBuilder,
-        cfg: &ModelConfig,
-        objective: Objective,
-        suffix: &str,
-    ) -> Result<Self> {
-        let visual =
-            VisionTransformer::new(&pb.pp(format!("visual_encoder{suffix}")), &cfg.vision)?;
+    fn new(pb: &ParamBuilder, cfg: &ModelConfig, objective: Objective, suffix: &str) -> Result<Self> {
+        let visual = VisionTransformer::new(&pb.pp(format!("visual_encoder{suffix}")), &cfg.vision)?;
         let text_root = pb.pp(format!("text_encoder{suffix}"));
-        let bert_pb = if objective == Objective::Pretrain {
-            text_root.pp("bert")
-        } else {
-            text_root.clone()
-        };
+        let bert_pb = if objective == Objective::Pretrain { text_root.pp("bert") } else { text_root.clone() };
         let text = BertModel::new(&bert_pb, &cfg.bert, Layout::Encoder)?;
         let mlm = if objective == Objective::Pretrain {
-            Some(MlmHead::new(
-                &text_root.pp("cls.predictions"),
-                &bert_pb,
-                &cfg.bert,
-                &text.embeddings,
-            )?)
+            Some(MlmHead::new(&text_root.pp("cls.predictions"), &bert_pb, &cfg.bert, &text.embeddings)?)
         } else {
             None
         };
-        let vision_proj = Linear::new(
-            &pb.pp(format!("vision_proj{suffix}")),
-            cfg.vision.embed_dim,
-            cfg.embed_dim,
-        )?;
-        let text_proj = Linear::new(
-            &pb.pp(format!("text_proj{suffix}")),
-            cfg.bert.hidden_size,
-            cfg.embed_dim,
-        )?;
-        Ok(Self {
-            visual,
-            text,
-            mlm,
-            vision_proj,
-            text_proj,
-        })
+        let vision_proj = Linear::new(&pb.pp(format!("vision_proj{suffix}")), cfg.vision.embed_dim, cfg.embed_dim)?;
+        let text_proj = Linear::new(&pb.pp(format!("text_proj{suffix}")), cfg.bert.hidden_size, cfg.embed_dim)?;
+        Ok(Self { visual, text, mlm, vision_proj, text_proj })
     }
 
     fn image(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -134,12 +102,7 @@ pub struct ContrastiveModel {
 }
 
 impl ContrastiveModel {
-    pub fn new(
-        cfg: &ModelConfig,
-        objective: Objective,
-        device: &Device,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, objective: Objective, device: &Device, seed: u64) -> Result<Self> {
         let store = ParamStore::new(device, seed);
         store.set_init_std(cfg.init_std);
         let pb = store.root(true);
@@ -150,12 +113,7 @@ impl ContrastiveModel {
         // The reference builds the teacher even when `distill` is off (its features feed the ITC
         // keys and the queues), so it is always present here too.
         let teacher = Encoders::new(&store.root(false), cfg, objective, "_m")?;
-        let queues = Queues::new(
-            &pb,
-            cfg.embed_dim,
-            cfg.queue_size,
-            objective == Objective::Retrieval,
-        )?;
+        let queues = Queues::new(&pb, cfg.embed_dim, cfg.queue_size, objective == Objective::Retrieval)?;
         let ema = Ema::from_store(&store, cfg.momentum)?;
         ema.copy()?;
         Ok(Self {
@@ -196,19 +154,8 @@ impl ContrastiveModel {
     }
 
     /// Fusion layers on text states against image states: (B, L, D).
-    pub fn fuse(
-        &self,
-        text_embeds: &Tensor,
-        mask: &Tensor,
-        image_embeds: &Tensor,
-    ) -> Result<Tensor> {
-        self.online.text.forward_embeds(
-            text_embeds,
-            mask,
-            &[CrossStates::image(image_embeds)],
-            Mode::Fusion,
-            false,
-        )
+    pub fn fuse(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor) -> Result<Tensor> {
+        self.online.text.forward_embeds(text_embeds, mask, &[CrossStates::image(image_embeds)], Mode::Fusion, false)
     }
 
     /// ITM logits (B, 2) of fused states.
@@ -218,18 +165,10 @@ impl ContrastiveModel {
 
     /// MLM logits (B, L, V) of the full encoder on `ids` cross-attending `image_embeds`.
     pub fn mlm_logits(&self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor) -> Result<Tensor> {
-        let head = self
-            .online
-            .mlm
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("this model has no MLM head".into()))?;
-        let h = self.online.text.forward_ids(
-            ids,
-            mask,
-            &[CrossStates::image(image_embeds)],
-            Mode::MultiModal,
-            false,
-        )?;
+        let head =
+            self.online.mlm.as_ref().ok_or_else(|| candle_core::Error::Msg("this model has no MLM head".into()))?;
+        let h =
+            self.online.text.forward_ids(ids, mask, &[CrossStates::image(image_embeds)], Mode::MultiModal, false)?;
         head.forward(&h)
     }
 
@@ -249,8 +188,7 @@ impl ContrastiveModel {
         train: bool,
     ) -> Result<ContrastiveLosses> {
         if self.objective == Objective::Pretrain {
-            self.temp
-                .set(&self.temp.as_tensor().detach().clamp(0.001, 0.5)?)?;
+            self.temp.set(&self.temp.as_tensor().detach().clamp(0.001, 0.5)?)?;
         }
         let dev = image.device();
         let temp = self.temp();
@@ -267,13 +205,7 @@ impl ContrastiveModel {
         let idx_host: Option<Vec<i64>> = idx.map(|t| t.to_vec1::<i64>()).transpose()?;
         let targets = match (self.objective, idx) {
             (Objective::Retrieval, Some(idx)) => {
-                let q = self
-                    .queues
-                    .idx
-                    .as_ref()
-                    .expect("retrieval model has an idx queue")
-                    .as_tensor()
-                    .detach();
+                let q = self.queues.idx.as_ref().expect("retrieval model has an idx queue").as_tensor().detach();
                 idx_targets(idx, &q)?
             }
             (Objective::Retrieval, None) => {
@@ -305,10 +237,7 @@ impl ContrastiveModel {
         let w_i2t = negative_weights(&out.sim_i2t, &forbidden)?;
         let w_t2i = negative_weights(&out.sim_t2i, &forbidden)?;
         let negatives = match replay {
-            Some(r) => Negatives::Given {
-                image: r.neg_image.clone(),
-                text: r.neg_text.clone(),
-            },
+            Some(r) => Negatives::Given { image: r.neg_image.clone(), text: r.neg_text.clone() },
             None => Negatives::Sample(&mut *rng),
         };
         let (loss_itm, _, _, _) = itm(
@@ -326,17 +255,11 @@ impl ContrastiveModel {
         let mlm = match &self.online.mlm {
             None => None,
             Some(head) => {
-                let (mlm_ids, labels) = match replay
-                    .and_then(|r| r.mlm_ids.clone().zip(r.mlm_labels.clone()))
-                {
+                let (mlm_ids, labels) = match replay.and_then(|r| r.mlm_ids.clone().zip(r.mlm_labels.clone())) {
                     Some(given) => given,
                     None => mask_tokens(ids, self.cfg.bert.vocab_size, self.mlm_probability, rng)?,
                 };
-                let teacher_head = self
-                    .teacher
-                    .mlm
-                    .as_ref()
-                    .expect("teacher mirrors the online model");
+                let teacher_head = self.teacher.mlm.as_ref().expect("teacher mirrors the online model");
                 let cross_m = [CrossStates::image(&image_embeds_m)];
                 let logits_m = teacher_head.forward(&self.teacher.text.forward_ids(
                     &mlm_ids,
@@ -366,23 +289,14 @@ impl ContrastiveModel {
                 Some(((ce * (1.0 - alpha))? + (kd * alpha)?)?)
             }
         };
-        Ok(ContrastiveLosses {
-            ita: out.loss,
-            itm: loss_itm,
-            mlm,
-        })
+        Ok(ContrastiveLosses { ita: out.loss, itm: loss_itm, mlm })
     }
 }
 
 /// BERT-style masking (`ALBEF.mask`): each token is chosen with probability `p` (never [PAD] or
 /// [CLS]); chosen tokens become [MASK] 80%, a random id 10%, unchanged 10%. Returns (ids, labels)
 /// with labels −100 where not chosen.
-pub fn mask_tokens<R: Rng>(
-    ids: &Tensor,
-    vocab: usize,
-    p: f64,
-    rng: &mut R,
-) -> Result<(Tensor, Tensor)> {
+pub fn mask_tokens<R: Rng>(ids: &Tensor, vocab: usize, p: f64, rng: &mut R) -> Result<(Tensor, Tensor)> {
     let shape = ids.shape().clone();
     let mut input = ids.flatten_all()?.to_vec1::<i64>()?;
     let mut labels = input.clone();
@@ -399,8 +313,5 @@ pub fn mask_tokens<R: Rng>(
         }
     }
     let dev = ids.device();
-    Ok((
-        Tensor::from_vec(input, shape.clone(), dev)?,
-        Tensor::from_vec(labels, shape, dev)?,
-    ))
+    Ok((Tensor::from_vec(input, shape.clone(), dev)?, Tensor::from_vec(labels, shape, dev)?))
 }

@@ -13,10 +13,7 @@ pub struct ClsHead {
 
 impl ClsHead {
     pub fn new(pb: &ParamBuilder, dim: usize, classes: usize) -> Result<Self> {
-        Ok(Self {
-            fc: Linear::new(&pb.pp("0"), dim, dim)?,
-            out: Linear::new(&pb.pp("2"), dim, classes)?,
-        })
+        Ok(Self { fc: Linear::new(&pb.pp("0"), dim, dim)?, out: Linear::new(&pb.pp("2"), dim, classes)? })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

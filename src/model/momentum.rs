@@ -20,11 +20,7 @@ impl Ema {
             let Some(online_head) = head.strip_suffix("_m") else {
                 continue;
             };
-            let online = if rest.is_empty() {
-                online_head.to_string()
-            } else {
-                format!("{online_head}.{rest}")
-            };
+            let online = if rest.is_empty() { online_head.to_string() } else { format!("{online_head}.{rest}") };
             match params.iter().find(|q| q.name == online) {
                 Some(q) => pairs.push((q.var.clone(), p.var.clone())),
                 None => {
@@ -46,8 +42,8 @@ impl Ema {
     /// `θ_m ← m·θ_m + (1 − m)·θ`, done before the teacher's forward at every training step.
     pub fn update(&self) -> Result<()> {
         for (online, m) in &self.pairs {
-            let new = ((m.as_tensor().detach() * self.momentum)?
-                + (online.as_tensor().detach() * (1.0 - self.momentum))?)?;
+            let new =
+                ((m.as_tensor().detach() * self.momentum)? + (online.as_tensor().detach() * (1.0 - self.momentum))?)?;
             m.set(&new)?;
         }
         Ok(())
@@ -74,30 +70,12 @@ pub struct Queues {
 
 impl Queues {
     pub fn new(pb: &ParamBuilder, embed_dim: usize, size: usize, with_idx: bool) -> Result<Self> {
-        let image = pb.buffer(
-            (embed_dim, size),
-            "image_queue",
-            DType::F32,
-            Init::NormalizedColumns,
-        )?;
-        let text = pb.buffer(
-            (embed_dim, size),
-            "text_queue",
-            DType::F32,
-            Init::NormalizedColumns,
-        )?;
-        let idx = if with_idx {
-            Some(pb.buffer((1, size), "idx_queue", DType::I64, Init::Const(-100.0))?)
-        } else {
-            None
-        };
+        let image = pb.buffer((embed_dim, size), "image_queue", DType::F32, Init::NormalizedColumns)?;
+        let text = pb.buffer((embed_dim, size), "text_queue", DType::F32, Init::NormalizedColumns)?;
+        let idx =
+            if with_idx { Some(pb.buffer((1, size), "idx_queue", DType::I64, Init::Const(-100.0))?) } else { None };
         let ptr = pb.buffer(1, "queue_ptr", DType::I64, Init::Zeros)?;
-        Ok(Self {
-            image,
-            text,
-            ptr,
-            idx,
-        })
+        Ok(Self { image, text, ptr, idx })
     }
 
     pub fn size(&self) -> Result<usize> {
@@ -106,16 +84,13 @@ impl Queues {
 
     /// Writes the (B, E) momentum features (and (B,) idx) at `ptr` and advances it, as
     /// `_dequeue_and_enqueue` on one process.
-    pub fn enqueue(
-        &self,
-        image_feat: &Tensor,
-        text_feat: &Tensor,
-        idx: Option<&Tensor>,
-    ) -> Result<()> {
+    pub fn enqueue(&self, image_feat: &Tensor, text_feat: &Tensor, idx: Option<&Tensor>) -> Result<()> {
         let b = image_feat.dim(0)?;
         let size = self.size()?;
         if size % b != 0 {
-            candle_core::bail!("queue_size {size} must be a multiple of the batch size {b} (the reference asserts this)")
+            candle_core::bail!(
+                "queue_size {size} must be a multiple of the batch size {b} (the reference asserts this)"
+            )
         }
         let ptr = self.ptr.as_tensor().to_vec1::<i64>()?[0] as usize;
         let write = |q: &Var, cols: &Tensor| -> Result<()> {
@@ -135,9 +110,6 @@ impl Queues {
         if let (Some(q), Some(idx)) = (&self.idx, idx) {
             write(q, &idx.reshape((1, b))?)?;
         }
-        self.ptr.set(&Tensor::new(
-            &[((ptr + b) % size) as i64],
-            self.ptr.device(),
-        )?)
+        self.ptr.set(&Tensor::new(&[((ptr + b) % size) as i64], self.ptr.device())?)
     }
 }

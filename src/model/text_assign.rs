@@ -35,33 +35,18 @@ impl TextAssignModel {
         store.set_init_std(cfg.init_std);
         let pb = store.root(true);
         let visual = VisionTransformer::new(&pb.pp("visual_encoder"), &cfg.vision)?;
-        let text = BertModel::new(
-            &pb.pp("text_encoder"),
-            &nlvr_bert_config(cfg),
-            Layout::SharedCrossKv,
-        )?;
+        let text = BertModel::new(&pb.pp("text_encoder"), &nlvr_bert_config(cfg), Layout::SharedCrossKv)?;
         let vision_proj = Linear::new(&pb.pp("vision_proj"), cfg.vision.embed_dim, cfg.embed_dim)?;
         // Loaded and saved as the reference does, though TA never uses them.
         Linear::new(&pb.pp("text_proj"), cfg.bert.hidden_size, cfg.embed_dim)?;
         pb.get((), "temp", Init::Const(cfg.temp))?;
         let ta_head = Linear::new(&pb.pp("ta_head"), cfg.bert.hidden_size, 3)?;
-        Ok(Self {
-            store,
-            cfg: cfg.clone(),
-            visual,
-            text,
-            vision_proj,
-            ta_head,
-        })
+        Ok(Self { store, cfg: cfg.clone(), visual, text, vision_proj, ta_head })
     }
 
     /// The reference's pairing: image similarity softmax (τ = 0.07, diagonal zeroed) picks hard
     /// partner images; 2/3 of captions get (own, other) in random order, 1/3 two other images.
-    pub fn sample_assignments<R: Rng>(
-        &self,
-        image_embeds: &Tensor,
-        rng: &mut R,
-    ) -> Result<Vec<Assignment>> {
+    pub fn sample_assignments<R: Rng>(&self, image_embeds: &Tensor, rng: &mut R) -> Result<Vec<Assignment>> {
         let feat = l2_normalize(&self.vision_proj.forward(&cls(image_embeds)?.detach())?)?;
         let b = feat.dim(0)?;
         let sim = (feat.matmul(&feat.t()?)? / 0.07)?;
@@ -74,28 +59,16 @@ impl TextAssignModel {
             if rng.random::<f64>() < 2.0 / 3.0 {
                 let j = sample_index(row, i, rng);
                 out.push(if rng.random::<f64>() < 0.5 {
-                    Assignment {
-                        first: i,
-                        second: j,
-                        label: 0,
-                    }
+                    Assignment { first: i, second: j, label: 0 }
                 } else {
-                    Assignment {
-                        first: j,
-                        second: i,
-                        label: 1,
-                    }
+                    Assignment { first: j, second: i, label: 1 }
                 });
             } else {
                 let j1 = sample_index(row, i, rng);
                 let mut row2 = row.clone();
                 row2[j1] = 0.0;
                 let j2 = sample_index(&row2, i, rng);
-                out.push(Assignment {
-                    first: j1,
-                    second: j2,
-                    label: 2,
-                });
+                out.push(Assignment { first: j1, second: j2, label: 2 });
             }
         }
         Ok(out)
@@ -128,19 +101,10 @@ impl TextAssignModel {
             let idx: Vec<u32> = assignments.iter().map(|a| f(a) as u32).collect();
             image_embeds.index_select(&Tensor::from_vec(idx, assignments.len(), dev)?, 0)
         };
-        let cross = [
-            CrossStates::image(&pick(|a| a.first)?),
-            CrossStates::image(&pick(|a| a.second)?),
-        ];
-        let h = self
-            .text
-            .forward_ids(ids, mask, &cross, Mode::MultiModal, train)?;
+        let cross = [CrossStates::image(&pick(|a| a.first)?), CrossStates::image(&pick(|a| a.second)?)];
+        let h = self.text.forward_ids(ids, mask, &cross, Mode::MultiModal, train)?;
         let logits = self.ta_head.forward(&cls(&h)?)?;
-        let labels = Tensor::from_vec(
-            assignments.iter().map(|a| a.label).collect::<Vec<_>>(),
-            assignments.len(),
-            dev,
-        )?;
+        let labels = Tensor::from_vec(assignments.iter().map(|a| a.label).collect::<Vec<_>>(), assignments.len(), dev)?;
         cross_entropy(&logits, &labels.to_dtype(DType::I64)?)
     }
 }

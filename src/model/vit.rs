@@ -37,9 +37,7 @@ impl Block {
         let q = qkv.narrow(2, 0, d)?;
         let k = qkv.narrow(2, d, d)?;
         let v = qkv.narrow(2, 2 * d, d)?;
-        let x = (x + self
-            .proj
-            .forward(&attention(&q, &k, &v, self.heads, None)?)?)?;
+        let x = (x + self.proj.forward(&attention(&q, &k, &v, self.heads, None)?)?)?;
         let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
         x + self.fc2.forward(&h)?
     }
@@ -66,9 +64,7 @@ impl VisionTransformer {
             pos_embed: pb.get((1, cfg.num_patches() + 1, d), "pos_embed", Init::Standard)?,
             patch_weight: patch.get((d, 3, p, p), "weight", Init::Standard)?,
             patch_bias: patch.get(d, "bias", Init::Zeros)?,
-            blocks: (0..cfg.depth)
-                .map(|i| Block::new(&pb.pp(format!("blocks.{i}")), cfg))
-                .collect::<Result<_>>()?,
+            blocks: (0..cfg.depth).map(|i| Block::new(&pb.pp(format!("blocks.{i}")), cfg)).collect::<Result<_>>()?,
             norm: LayerNorm::new(&pb.pp("norm"), d, cfg.layer_norm_eps)?,
             cfg: cfg.clone(),
         })
@@ -83,24 +79,16 @@ impl VisionTransformer {
         let (b, c, h, w) = image.dims4()?;
         let p = self.cfg.patch_size;
         if h != self.cfg.image_res || w != self.cfg.image_res {
-            candle_core::bail!(
-                "image is {h}x{w} but the model was built for {0}x{0}",
-                self.cfg.image_res
-            )
+            candle_core::bail!("image is {h}x{w} but the model was built for {0}x{0}", self.cfg.image_res)
         }
         let (gh, gw) = (h / p, w / p);
         // (B, C, gh, p, gw, p) → (B, gh, gw, C, p, p): each row is one patch in the conv
         // weight's (C, kh, kw) order, so the strided conv is exactly one matmul.
-        let patches = image
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b * gh * gw, c * p * p))?;
+        let patches =
+            image.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b * gh * gw, c * p * p))?;
         let d = self.cfg.embed_dim;
         let w2 = self.patch_weight.reshape((d, c * p * p))?;
-        patches
-            .matmul(&w2.t()?)?
-            .broadcast_add(&self.patch_bias)?
-            .reshape((b, gh * gw, d))
+        patches.matmul(&w2.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))
     }
 
     pub fn forward(&self, image: &Tensor) -> Result<Tensor> {

@@ -5,9 +5,7 @@ use super::bert::{BertModel, CrossStates, Layout, MlmHead, Mode};
 use super::config::{BertConfig, ModelConfig};
 use super::momentum::Ema;
 use super::vit::VisionTransformer;
-use crate::nn::{
-    cross_entropy_per_row, soft_cross_entropy_per_row, softmax, ParamBuilder, ParamStore,
-};
+use crate::nn::{cross_entropy_per_row, soft_cross_entropy_per_row, softmax, ParamBuilder, ParamStore};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 struct Branch {
@@ -19,45 +17,18 @@ struct Branch {
 
 impl Branch {
     fn new(pb: &ParamBuilder, cfg: &ModelConfig, suffix: &str) -> Result<Self> {
-        let visual =
-            VisionTransformer::new(&pb.pp(format!("visual_encoder{suffix}")), &cfg.vision)?;
-        let encoder = BertModel::new(
-            &pb.pp(format!("text_encoder{suffix}")),
-            &cfg.bert,
-            Layout::Encoder,
-        )?;
+        let visual = VisionTransformer::new(&pb.pp(format!("visual_encoder{suffix}")), &cfg.vision)?;
+        let encoder = BertModel::new(&pb.pp(format!("text_encoder{suffix}")), &cfg.bert, Layout::Encoder)?;
         let dcfg = decoder_config(cfg);
         let droot = pb.pp(format!("text_decoder{suffix}"));
         let decoder = BertModel::new(&droot.pp("bert"), &dcfg, Layout::Decoder)?;
-        let lm_head = MlmHead::new(
-            &droot.pp("cls.predictions"),
-            &droot.pp("bert"),
-            &dcfg,
-            &decoder.embeddings,
-        )?;
-        Ok(Self {
-            visual,
-            encoder,
-            decoder,
-            lm_head,
-        })
+        let lm_head = MlmHead::new(&droot.pp("cls.predictions"), &droot.pp("bert"), &dcfg, &decoder.embeddings)?;
+        Ok(Self { visual, encoder, decoder, lm_head })
     }
 
-    fn question_states(
-        &self,
-        image: &Tensor,
-        q_ids: &Tensor,
-        q_mask: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
+    fn question_states(&self, image: &Tensor, q_ids: &Tensor, q_mask: &Tensor, train: bool) -> Result<Tensor> {
         let image_embeds = self.visual.forward(image)?;
-        self.encoder.forward_ids(
-            q_ids,
-            q_mask,
-            &[CrossStates::image(&image_embeds)],
-            Mode::MultiModal,
-            train,
-        )
+        self.encoder.forward_ids(q_ids, q_mask, &[CrossStates::image(&image_embeds)], Mode::MultiModal, train)
     }
 
     /// Decoder logits (A, La, V) for answers against per-answer question states.
@@ -69,13 +40,8 @@ impl Branch {
         q_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let cross = [CrossStates {
-            states: q_states.clone(),
-            mask: Some(q_mask.clone()),
-        }];
-        let h = self
-            .decoder
-            .forward_ids(a_ids, a_mask, &cross, Mode::MultiModal, train)?;
+        let cross = [CrossStates { states: q_states.clone(), mask: Some(q_mask.clone()) }];
+        let h = self.decoder.forward_ids(a_ids, a_mask, &cross, Mode::MultiModal, train)?;
         self.lm_head.forward(&h)
     }
 }
@@ -83,20 +49,12 @@ impl Branch {
 /// The decoder's config: the reference copies the BERT config with `fusion_layer = 0` and
 /// `num_hidden_layers = 6`.
 pub fn decoder_config(cfg: &ModelConfig) -> BertConfig {
-    BertConfig {
-        fusion_layer: 0,
-        num_hidden_layers: cfg.decoder_layers,
-        ..cfg.bert.clone()
-    }
+    BertConfig { fusion_layer: 0, num_hidden_layers: cfg.decoder_layers, ..cfg.bert.clone() }
 }
 
 /// Repeats row b of `x` `counts[b]` times (`torch.repeat_interleave` on dim 0).
 fn repeat_rows(x: &Tensor, counts: &[usize]) -> Result<Tensor> {
-    let idx: Vec<u32> = counts
-        .iter()
-        .enumerate()
-        .flat_map(|(b, &k)| std::iter::repeat_n(b as u32, k))
-        .collect();
+    let idx: Vec<u32> = counts.iter().enumerate().flat_map(|(b, &k)| std::iter::repeat_n(b as u32, k)).collect();
     let n = idx.len();
     x.index_select(&Tensor::from_vec(idx, n, x.device())?, 0)
 }
@@ -108,20 +66,10 @@ fn answer_nll(logits: &Tensor, a_ids: &Tensor) -> Result<(Tensor, Tensor, Tensor
     let shifted = logits.narrow(1, 0, la - 1)?.reshape((a * (la - 1), v))?;
     let targets = a_ids.narrow(1, 1, la - 1)?;
     let valid = targets.ne(0i64)?;
-    let targets = valid
-        .where_cond(
-            &targets,
-            &Tensor::full(-100i64, targets.shape(), targets.device())?,
-        )?
-        .flatten_all()?;
-    let nll = cross_entropy_per_row(&shifted, &targets)?
-        .reshape((a, la - 1))?
-        .sum(1)?;
-    Ok((
-        nll,
-        shifted,
-        valid.to_dtype(DType::F32)?.reshape((a, la - 1))?,
-    ))
+    let targets =
+        valid.where_cond(&targets, &Tensor::full(-100i64, targets.shape(), targets.device())?)?.flatten_all()?;
+    let nll = cross_entropy_per_row(&shifted, &targets)?.reshape((a, la - 1))?.sum(1)?;
+    Ok((nll, shifted, valid.to_dtype(DType::F32)?.reshape((a, la - 1))?))
 }
 
 pub struct VqaModel {
@@ -156,13 +104,7 @@ impl VqaModel {
         } else {
             (None, None)
         };
-        Ok(Self {
-            store,
-            cfg: cfg.clone(),
-            online,
-            teacher,
-            ema,
-        })
+        Ok(Self { store, cfg: cfg.clone(), online, teacher, ema })
     }
 
     pub fn image_embeds(&self, image: &Tensor) -> Result<Tensor> {
@@ -170,12 +112,7 @@ impl VqaModel {
     }
 
     /// Encoder output (B, Lq, D) for questions about images.
-    pub fn question_states(
-        &self,
-        image: &Tensor,
-        q_ids: &Tensor,
-        q_mask: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn question_states(&self, image: &Tensor, q_ids: &Tensor, q_mask: &Tensor) -> Result<Tensor> {
         self.online.question_states(image, q_ids, q_mask, false)
     }
 
@@ -198,24 +135,16 @@ impl VqaModel {
         let q = self.online.question_states(image, q_ids, q_mask, train)?;
         let q_rep = repeat_rows(&q, counts)?;
         let m_rep = repeat_rows(q_mask, counts)?;
-        let logits = self
-            .online
-            .answer_logits(a_ids, a_mask, &q_rep, &m_rep, train)?;
+        let logits = self.online.answer_logits(a_ids, a_mask, &q_rep, &m_rep, train)?;
         let (nll, shifted, valid) = answer_nll(&logits, a_ids)?;
         let loss = match (&self.teacher, &self.ema) {
             (Some(teacher), Some(ema)) => {
                 ema.update()?;
-                let q_m = repeat_rows(
-                    &teacher.question_states(image, q_ids, q_mask, train)?,
-                    counts,
-                )?;
+                let q_m = repeat_rows(&teacher.question_states(image, q_ids, q_mask, train)?, counts)?;
                 let logits_m = teacher.answer_logits(a_ids, a_mask, &q_m, &m_rep, train)?;
                 let (a, la, v) = logits_m.dims3()?;
                 let soft = softmax(&logits_m.narrow(1, 0, la - 1)?.reshape((a * (la - 1), v))?)?;
-                let kd = soft_cross_entropy_per_row(&shifted, &soft)?
-                    .reshape((a, la - 1))?
-                    .mul(&valid)?
-                    .sum(1)?;
+                let kd = soft_cross_entropy_per_row(&shifted, &soft)?.reshape((a, la - 1))?.mul(&valid)?.sum(1)?;
                 ((nll * (1.0 - alpha))? + (kd * alpha)?)?
             }
             _ => nll,
@@ -237,9 +166,7 @@ impl VqaModel {
         let m_rep = repeat_rows(q_mask, &vec![n; bq])?;
         let a_ids = answer_ids.repeat((bq, 1))?;
         let a_mask = answer_mask.repeat((bq, 1))?;
-        let logits = self
-            .online
-            .answer_logits(&a_ids, &a_mask, &q_rep, &m_rep, false)?;
+        let logits = self.online.answer_logits(&a_ids, &a_mask, &q_rep, &m_rep, false)?;
         answer_nll(&logits, &a_ids)?.0.neg()?.reshape((bq, n))
     }
 
@@ -259,14 +186,10 @@ impl VqaModel {
         let dev = q_states.device();
         let start = answer_ids.i((0..1, 0..1))?.repeat((bq, 1))?;
         let start_mask = Tensor::ones((bq, 1), DType::I64, dev)?;
-        let logits = self
-            .online
-            .answer_logits(&start, &start_mask, q_states, q_mask, false)?;
+        let logits = self.online.answer_logits(&start, &start_mask, q_states, q_mask, false)?;
         let first_token_logits = logits.i((.., 0, ..))?;
         let first_ids = answer_ids.i((.., 1))?.to_dtype(DType::U32)?;
-        let p_first = softmax(&first_token_logits)?
-            .index_select(&first_ids, 1)?
-            .to_vec2::<f32>()?;
+        let p_first = softmax(&first_token_logits)?.index_select(&first_ids, 1)?.to_vec2::<f32>()?;
         let topk: Vec<Vec<usize>> = p_first.iter().map(|row| topk_indices(row, k)).collect();
         let flat: Vec<u32> = topk.iter().flatten().map(|&i| i as u32).collect();
         let sel = Tensor::from_vec(flat, bq * k, dev)?;
@@ -274,26 +197,18 @@ impl VqaModel {
         let cand_mask = answer_mask.index_select(&sel, 0)?;
         let q_rep = repeat_rows(q_states, &vec![k; bq])?;
         let m_rep = repeat_rows(q_mask, &vec![k; bq])?;
-        let cand_logits = self
-            .online
-            .answer_logits(&cand_ids, &cand_mask, &q_rep, &m_rep, false)?;
+        let cand_logits = self.online.answer_logits(&cand_ids, &cand_mask, &q_rep, &m_rep, false)?;
         let nll = answer_nll(&cand_logits, &cand_ids)?.0.to_vec1::<f32>()?;
         let mut ids = Vec::with_capacity(bq);
         let mut probs = Vec::with_capacity(bq);
         for b in 0..bq {
-            let scores: Vec<f32> = (0..k)
-                .map(|j| p_first[b][topk[b][j]].ln() - nll[b * k + j])
-                .collect();
+            let scores: Vec<f32> = (0..k).map(|j| p_first[b][topk[b][j]].ln() - nll[b * k + j]).collect();
             let p = softmax(&Tensor::new(scores.as_slice(), dev)?)?.to_vec1::<f32>()?;
             let order = topk_indices(&p, k);
             ids.push(order.iter().map(|&j| topk[b][j]).collect());
             probs.push(order.iter().map(|&j| p[j]).collect());
         }
-        Ok(Ranking {
-            ids,
-            probs,
-            first_token_logits,
-        })
+        Ok(Ranking { ids, probs, first_token_logits })
     }
 }
 
@@ -301,12 +216,7 @@ impl VqaModel {
 /// usually returns).
 pub fn topk_indices(values: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| {
-        values[b]
-            .partial_cmp(&values[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
-    });
+    idx.sort_by(|&a, &b| values[b].partial_cmp(&values[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
     idx.truncate(k);
     idx
 }

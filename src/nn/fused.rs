@@ -30,18 +30,16 @@ impl CustomOp1 for Softmax {
         let src = contiguous(s, l, "softmax")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(n)
-            .zip(src.par_chunks(n))
-            .for_each(|(d, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in d.iter_mut().zip(x) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                d.iter_mut().for_each(|o| *o *= inv);
-            });
+        dst.par_chunks_mut(n).zip(src.par_chunks(n)).for_each(|(d, x)| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in d.iter_mut().zip(x) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            d.iter_mut().for_each(|o| *o *= inv);
+        });
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
 
@@ -77,17 +75,15 @@ impl CustomOp3 for LayerNormOp {
         let n = w.len();
         let eps = self.eps;
         let mut dst = vec![0f32; x.len()];
-        dst.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each(|(d, row)| {
-                // Two passes, as PyTorch: mean, then the biased variance of the centred values.
-                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
-                let inv = 1.0 / (var + eps).sqrt();
-                for (((o, &v), &wi), &bi) in d.iter_mut().zip(row).zip(w).zip(b) {
-                    *o = ((v as f64 - mean) * inv) as f32 * wi + bi;
-                }
-            });
+        dst.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(d, row)| {
+            // Two passes, as PyTorch: mean, then the biased variance of the centred values.
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &wi), &bi) in d.iter_mut().zip(row).zip(w).zip(b) {
+                *o = ((v as f64 - mean) * inv) as f32 * wi + bi;
+            }
+        });
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 
@@ -103,9 +99,7 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
-        let inv_std = (centred.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
+        let inv_std = (centred.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         let x_hat = centred.broadcast_mul(&inv_std)?;
         let gw = grad.broadcast_mul(w)?;
         let dx = gw

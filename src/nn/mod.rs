@@ -30,11 +30,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 
 /// `F.normalize(x, dim=-1)`: x / max(||x||, 1e-12).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
     x.broadcast_div(&norm)
 }
 
@@ -58,10 +54,7 @@ pub fn cross_entropy_per_row(logits: &Tensor, targets: &Tensor) -> Result<Tensor
 
 /// Soft-target cross-entropy per row: −Σ_c target·log_softmax(logits).
 pub fn soft_cross_entropy_per_row(logits: &Tensor, soft_targets: &Tensor) -> Result<Tensor> {
-    log_softmax(logits)?
-        .mul(soft_targets)?
-        .sum(D::Minus1)?
-        .neg()
+    log_softmax(logits)?.mul(soft_targets)?.sum(D::Minus1)?.neg()
 }
 
 thread_local! {
@@ -85,15 +78,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
     let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
         let mut r = r.borrow_mut();
-        (0..n)
-            .map(|_| {
-                if rand::Rng::random::<f32>(&mut *r) < p {
-                    0.0
-                } else {
-                    scale
-                }
-            })
-            .collect()
+        (0..n).map(|_| if rand::Rng::random::<f32>(&mut *r) < p { 0.0 } else { scale }).collect()
     });
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }
@@ -114,9 +99,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let in_dim = *dims
-            .last()
-            .expect("linear input has at least one dimension");
+        let in_dim = *dims.last().expect("linear input has at least one dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
@@ -146,19 +129,13 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fused::usable(x) {
-            return x.contiguous()?.apply_op3(
-                &self.weight,
-                &self.bias,
-                fused::LayerNormOp { eps: self.eps },
-            );
+            return x.contiguous()?.apply_op3(&self.weight, &self.bias, fused::LayerNormOp { eps: self.eps });
         }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
 }
 
@@ -170,9 +147,7 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(pb: &ParamBuilder, num: usize, dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: pb.get((num, dim), "weight", Init::Standard)?,
-        })
+        Ok(Self { weight: pb.get((num, dim), "weight", Init::Standard)? })
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
@@ -187,31 +162,18 @@ impl Embedding {
 
 /// Multi-head scaled dot-product attention on already-projected tensors (B, L, H·dh).
 /// `mask` is additive and broadcast to (B, H, Lq, Lk).
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let probs = attention_probs(q, k, heads, mask)?;
     attention_context(&probs, v, heads)
 }
 
 fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, d) = x.dims3()?;
-    x.reshape((b, l, heads, d / heads))?
-        .transpose(1, 2)?
-        .contiguous()
+    x.reshape((b, l, heads, d / heads))?.transpose(1, 2)?.contiguous()
 }
 
 /// softmax(q·kᵀ/√dh + mask): (B, H, Lq, Lk).
-pub fn attention_probs(
-    q: &Tensor,
-    k: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let head_dim = q.dim(2)? / heads;
     // Scaling q (L·dh values) instead of the scores (L·L) is exact for the usual power-of-two
     // head sizes and much cheaper.
@@ -232,4 +194,19 @@ pub fn attention_context(probs: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let ctx = probs.matmul(&v)?;
     let lq = ctx.dim(2)?;
     ctx.transpose(1, 2)?.reshape((b, lq, d))
+}
+
+/// Attention of a batch of queries (B, Lq, H·dh) against one shared key/value sequence
+/// (1, Lk, H·dh), unmasked — many texts against one image. The batch is folded into the query
+/// rows, so the shared keys and values are projected and read once instead of B times.
+pub fn attention_shared_kv(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, lq, d) = q.dims3()?;
+    let head_dim = d / heads;
+    // (B, Lq, H, dh) → (H, B·Lq, dh)
+    let q = (q.reshape((b * lq, heads, head_dim))?.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?;
+    let k = split_heads(k, heads)?.squeeze(0)?; // (H, Lk, dh)
+    let v = split_heads(v, heads)?.squeeze(0)?;
+    let probs = softmax(&q.matmul(&k.t()?)?)?; // (H, B·Lq, Lk)
+    let ctx = probs.matmul(&v)?; // (H, B·Lq, dh)
+    ctx.transpose(0, 1)?.reshape((b, lq, d))
 }

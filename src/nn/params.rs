@@ -61,10 +61,7 @@ impl ParamStore {
             rng: StdRng::seed_from_u64(seed),
             init_std: 0.02,
         };
-        Self {
-            inner: Rc::new(RefCell::new(inner)),
-            device: device.clone(),
-        }
+        Self { inner: Rc::new(RefCell::new(inner)), device: device.clone() }
     }
 
     /// Sets the standard deviation of [`Init::Standard`] for parameters created from now on.
@@ -77,11 +74,7 @@ impl ParamStore {
     }
 
     pub fn root(&self, trainable: bool) -> ParamBuilder {
-        ParamBuilder {
-            store: self.clone(),
-            prefix: String::new(),
-            trainable,
-        }
+        ParamBuilder { store: self.clone(), prefix: String::new(), trainable }
     }
 
     pub fn params(&self) -> Vec<Param> {
@@ -113,10 +106,7 @@ impl ParamStore {
     }
 
     pub fn add_alias(&self, alias: &str, canonical: &str) {
-        self.inner
-            .borrow_mut()
-            .aliases
-            .push((alias.to_string(), canonical.to_string()));
+        self.inner.borrow_mut().aliases.push((alias.to_string(), canonical.to_string()));
     }
 
     pub fn buffers(&self) -> Vec<(String, Var)> {
@@ -126,17 +116,9 @@ impl ParamStore {
     /// Every named tensor a checkpoint of this model holds: parameters, then buffers.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let inner = self.inner.borrow();
-        let mut out: Vec<(String, Tensor)> = inner
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
-            .collect();
-        out.extend(
-            inner
-                .buffers
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
-        );
+        let mut out: Vec<(String, Tensor)> =
+            inner.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+        out.extend(inner.buffers.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
         out
     }
 
@@ -159,15 +141,9 @@ impl ParamStore {
             Init::NormalizedColumns => {
                 let dims = shape.dims();
                 let (rows, cols) = (dims[0], n / dims[0].max(1));
-                let mut v: Vec<f32> = (0..n)
-                    .map(|_| inner.rng.sample::<f32, _>(rand_distr::StandardNormal))
-                    .collect();
+                let mut v: Vec<f32> = (0..n).map(|_| inner.rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
                 for c in 0..cols {
-                    let norm = (0..rows)
-                        .map(|r| v[r * cols + c].powi(2))
-                        .sum::<f32>()
-                        .sqrt()
-                        .max(1e-12);
+                    let norm = (0..rows).map(|r| v[r * cols + c].powi(2)).sum::<f32>().sqrt().max(1e-12);
                     for r in 0..rows {
                         v[r * cols + c] /= norm;
                     }
@@ -189,11 +165,7 @@ pub struct ParamBuilder {
 
 impl ParamBuilder {
     pub fn pp(&self, name: impl AsRef<str>) -> Self {
-        Self {
-            store: self.store.clone(),
-            prefix: self.path(name.as_ref()),
-            trainable: self.trainable,
-        }
+        Self { store: self.store.clone(), prefix: self.path(name.as_ref()), trainable: self.trainable }
     }
 
     pub fn path(&self, name: &str) -> String {
@@ -228,20 +200,13 @@ impl ParamBuilder {
         let param = match existing {
             Some(p) => {
                 if p.var.shape() != &shape {
-                    candle_core::bail!(
-                        "parameter {full} requested as {shape:?} but exists as {:?}",
-                        p.var.shape()
-                    )
+                    candle_core::bail!("parameter {full} requested as {shape:?} but exists as {:?}", p.var.shape())
                 }
                 p
             }
             None => {
                 let t = self.store.make(&shape, init)?;
-                let p = Param {
-                    name: full.clone(),
-                    var: Var::from_tensor(&t)?,
-                    trainable: self.trainable,
-                };
+                let p = Param { name: full.clone(), var: Var::from_tensor(&t)?, trainable: self.trainable };
                 let mut inner = self.store.inner.borrow_mut();
                 let i = inner.params.len();
                 inner.params.push(p.clone());
@@ -249,29 +214,15 @@ impl ParamBuilder {
                 p
             }
         };
-        Ok(if param.trainable {
-            param.var.as_tensor().clone()
-        } else {
-            param.var.as_tensor().detach()
-        })
+        Ok(if param.trainable { param.var.as_tensor().clone() } else { param.var.as_tensor().detach() })
     }
 
     /// A non-trainable tensor saved with the model (queues, pointers).
-    pub fn buffer(
-        &self,
-        shape: impl Into<Shape>,
-        name: &str,
-        dtype: DType,
-        init: Init,
-    ) -> Result<Var> {
+    pub fn buffer(&self, shape: impl Into<Shape>, name: &str, dtype: DType, init: Init) -> Result<Var> {
         let shape = shape.into();
         let t = self.store.make(&shape, init)?.to_dtype(dtype)?;
         let var = Var::from_tensor(&t)?;
-        self.store
-            .inner
-            .borrow_mut()
-            .buffers
-            .push((self.path(name), var.clone()));
+        self.store.inner.borrow_mut().buffers.push((self.path(name), var.clone()));
         Ok(var)
     }
 }

@@ -3,12 +3,9 @@
 
 pub mod retrieval;
 
-use crate::checkpoint::{
-    classify, load_into, read_checkpoint, remap, CheckpointKind, KeyReport, StateDict, Task,
-};
+use crate::checkpoint::{classify, load_into, read_checkpoint, remap, CheckpointKind, KeyReport, StateDict, Task};
 use crate::model::{
-    ClassifierKind, ClassifierModel, ContrastiveModel, ModelConfig, Objective, TextAssignModel,
-    VqaModel,
+    ClassifierKind, ClassifierModel, ContrastiveModel, ModelConfig, Objective, TextAssignModel, VqaModel,
 };
 use crate::nn::ParamStore;
 use anyhow::{bail, Result};
@@ -27,31 +24,13 @@ pub enum TaskModel {
 impl TaskModel {
     pub fn new(task: Task, cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
         Ok(match task {
-            Task::Pretrain => Self::Contrastive(ContrastiveModel::new(
-                cfg,
-                Objective::Pretrain,
-                device,
-                seed,
-            )?),
-            Task::Retrieval | Task::Grounding => Self::Contrastive(ContrastiveModel::new(
-                cfg,
-                Objective::Retrieval,
-                device,
-                seed,
-            )?),
+            Task::Pretrain => Self::Contrastive(ContrastiveModel::new(cfg, Objective::Pretrain, device, seed)?),
+            Task::Retrieval | Task::Grounding => {
+                Self::Contrastive(ContrastiveModel::new(cfg, Objective::Retrieval, device, seed)?)
+            }
             Task::Vqa => Self::Vqa(VqaModel::new(cfg, device, seed)?),
-            Task::Ve => Self::Classifier(ClassifierModel::new(
-                cfg,
-                ClassifierKind::VisualEntailment,
-                device,
-                seed,
-            )?),
-            Task::Nlvr => Self::Classifier(ClassifierModel::new(
-                cfg,
-                ClassifierKind::Nlvr2,
-                device,
-                seed,
-            )?),
+            Task::Ve => Self::Classifier(ClassifierModel::new(cfg, ClassifierKind::VisualEntailment, device, seed)?),
+            Task::Nlvr => Self::Classifier(ClassifierModel::new(cfg, ClassifierKind::Nlvr2, device, seed)?),
             Task::NlvrPretrain => Self::TextAssign(TextAssignModel::new(cfg, device, seed)?),
         })
     }
@@ -108,24 +87,21 @@ pub fn load_checkpoint(
     let ckpt = read_checkpoint(path, model.store().device())?;
     let kind = classify(&ckpt);
     if kind == CheckpointKind::Other {
-        bail!("{} is {kind}; expected an ALBEF checkpoint (ALBEF.pth, a fine-tuned file or one albef wrote)", path.display());
+        bail!(
+            "{} is {kind}; expected an ALBEF checkpoint (ALBEF.pth, a fine-tuned file or one albef wrote)",
+            path.display()
+        );
     }
     if let CheckpointKind::FineTuned { task: Some(t), .. } = &kind {
-        let compatible = *t == task
-            || matches!(
-                (t, task),
-                (Task::Retrieval, Task::Grounding) | (Task::NlvrPretrain, Task::Nlvr)
-            );
+        let compatible =
+            *t == task || matches!((t, task), (Task::Retrieval, Task::Grounding) | (Task::NlvrPretrain, Task::Nlvr));
         if !compatible {
             bail!("{} is a fine-tuned {t:?} checkpoint; it cannot initialise a {task:?} model (use a pre-training checkpoint such as ALBEF.pth)", path.display());
         }
     }
-    let (sd, notes): (StateDict, Vec<String>) =
-        remap(task, ckpt.tensors, evaluate, cfg.bert.fusion_layer);
+    let (sd, notes): (StateDict, Vec<String>) = remap(task, ckpt.tensors, evaluate, cfg.bert.fusion_layer);
     let mut report = load_into(model.store(), &sd)?;
-    report
-        .notes
-        .insert(0, format!("{}: {kind}", path.display()));
+    report.notes.insert(0, format!("{}: {kind}", path.display()));
     report.notes.extend(notes);
     if report.teacher_missing(model.store()) {
         match teacher {
@@ -142,12 +118,7 @@ pub fn load_checkpoint(
 }
 
 /// Saves a model as safetensors (atomically), tagged with the task so `inspect` recognises it.
-pub fn save_model(
-    model: &TaskModel,
-    task: Task,
-    path: &Path,
-    extra: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn save_model(model: &TaskModel, task: Task, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
     let tensors: StateDict = model.store().named_tensors().into_iter().collect();
     let mut meta = extra.clone();
     meta.insert("albef_task".into(), format!("{task:?}").to_lowercase());

@@ -5,7 +5,7 @@
 use crate::checkpoint::Task;
 use crate::config::TaskConfig;
 use crate::data::loader::{Dataset, Loader, LoaderConfig};
-use crate::data::retrieval::{RetrievalEval, RetrievalTrain, TrainSample};
+use crate::data::retrieval::{check_images_exist, ImageRef, RetrievalEval, RetrievalTrain, TrainSample};
 use crate::data::{Padding, Tokenizer};
 use crate::eval::retrieval::{itm_eval, score_matrices, Encoded, Metrics, Scores};
 use crate::model::ContrastiveModel;
@@ -35,6 +35,8 @@ pub struct RetrievalOptions {
     pub device: Device,
     /// Loader worker threads (default: one per core).
     pub workers: Option<usize>,
+    /// Stop after this many completed epochs (the run can be continued with `resume`).
+    pub stop_after_epoch: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -69,9 +71,7 @@ pub fn evaluate_split(
     let mut text_masks = Vec::new();
     let mut text_embeds = Vec::new();
     for chunk in split.texts.chunks(EVAL_TEXT_BATCH) {
-        let (ids, mask) = tokenizer
-            .encode_batch(chunk, Padding::MaxLength(EVAL_TEXT_LEN))
-            .to_tensors(&dev)?;
+        let (ids, mask) = tokenizer.encode_batch(chunk, Padding::MaxLength(EVAL_TEXT_LEN)).to_tensors(&dev)?;
         let (feats, embeds) = model.encode_text(&ids, &mask)?;
         text_feats.push(feats);
         text_masks.push(mask);
@@ -82,10 +82,7 @@ pub fn evaluate_split(
         cfg.workers = w;
     }
     let loader = Loader::new(split.clone(), cfg);
-    let progress = Progress::new(
-        &format!("Evaluation ({name}) images"),
-        loader.num_batches(0),
-    );
+    let progress = Progress::new(&format!("Evaluation ({name}) images"), loader.num_batches(0));
     let (mut image_feats, mut image_embeds) = (Vec::new(), Vec::new());
     for (i, batch) in loader.epoch(0, 0).enumerate() {
         let batch = batch?;
@@ -117,17 +114,11 @@ fn save_scores(run: &RunDir, split: &str, i2t: &Scores, t2i: &Scores) -> Result<
     let mut sd = crate::checkpoint::StateDict::new();
     sd.insert("score_i2t".into(), Tensor::new(i2t.clone(), &Device::Cpu)?);
     sd.insert("score_t2i".into(), Tensor::new(t2i.clone(), &Device::Cpu)?);
-    crate::checkpoint::save_safetensors(
-        &sd,
-        &Default::default(),
-        &run.file(&format!("scores_{split}.safetensors")),
-    )
+    crate::checkpoint::save_safetensors(&sd, &Default::default(), &run.file(&format!("scores_{split}.safetensors")))
 }
 
 fn prefixed(prefix: &str, m: &Metrics) -> serde_json::Map<String, serde_json::Value> {
-    m.iter()
-        .map(|(k, v)| (format!("{prefix}_{k}"), json!(v)))
-        .collect()
+    m.iter().map(|(k, v)| (format!("{prefix}_{k}"), json!(v))).collect()
 }
 
 fn print_metrics(split: &str, m: &Metrics) {
@@ -139,22 +130,9 @@ fn print_metrics(split: &str, m: &Metrics) {
 /// to `metrics.json`.
 pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
     let cfg = TaskConfig::from_yaml_file(&opts.config)?;
-    let mut required = vec![
-        "val_file",
-        "test_file",
-        "image_root",
-        "batch_size_test",
-        "k_test",
-        "image_res",
-    ];
+    let mut required = vec!["val_file", "test_file", "image_root", "batch_size_test", "k_test", "image_res"];
     if !opts.evaluate {
-        required.extend([
-            "train_file",
-            "batch_size_train",
-            "optimizer",
-            "schedular",
-            "alpha",
-        ]);
+        required.extend(["train_file", "batch_size_train", "optimizer", "schedular", "alpha"]);
     }
     cfg.require(&opts.config, &required)?;
     let model_cfg = cfg.model_config()?;
@@ -172,44 +150,34 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
         );
     }
     // Read every annotation file before creating outputs, so bad input leaves nothing behind.
-    let val = Arc::new(RetrievalEval::new(
-        &cfg.resolve(&cfg.str("val_file")?)?,
-        &image_root,
-        res,
-        TEXT_MAX_WORDS,
-    )?);
-    let test = Arc::new(RetrievalEval::new(
-        &cfg.resolve(&cfg.str("test_file")?)?,
-        &image_root,
-        res,
-        TEXT_MAX_WORDS,
-    )?);
+    let val = Arc::new(RetrievalEval::new(&cfg.resolve(&cfg.str("val_file")?)?, &image_root, res, TEXT_MAX_WORDS)?);
+    let test = Arc::new(RetrievalEval::new(&cfg.resolve(&cfg.str("test_file")?)?, &image_root, res, TEXT_MAX_WORDS)?);
     let train = if opts.evaluate {
         None
     } else {
-        Some(Arc::new(RetrievalTrain::new(
-            &paths(&cfg, "train_file")?,
-            &image_root,
-            res,
-            TEXT_MAX_WORDS,
-        )?))
+        let augment = match cfg.extra.get("train_transform").and_then(|v| v.as_str()).unwrap_or("reference") {
+            "reference" => true,
+            "resize" => false,
+            other => anyhow::bail!("train_transform must be 'reference' or 'resize', not {other:?}"),
+        };
+        Some(Arc::new(
+            RetrievalTrain::new(&paths(&cfg, "train_file")?, &image_root, res, TEXT_MAX_WORDS)?
+                .with_augmentation(augment),
+        ))
     };
+    let mut images: Vec<&ImageRef> = val.images.iter().chain(&test.images).collect();
+    if let Some(t) = &train {
+        images.extend(t.images());
+    }
+    check_images_exist(images)?;
 
     let task_model = TaskModel::new(Task::Retrieval, &model_cfg, &opts.device, opts.seed)?;
     if let Some(ckpt) = &opts.checkpoint {
-        let report = load_checkpoint(
-            &task_model,
-            Task::Retrieval,
-            &model_cfg,
-            ckpt,
-            opts.evaluate,
-            TeacherInit::FromLoaded,
-        )?;
+        let report =
+            load_checkpoint(&task_model, Task::Retrieval, &model_cfg, ckpt, opts.evaluate, TeacherInit::FromLoaded)?;
         eprint!("{report}");
     }
-    let TaskModel::Contrastive(model) = task_model else {
-        unreachable!("retrieval builds the contrastive model")
-    };
+    let TaskModel::Contrastive(model) = task_model else { unreachable!("retrieval builds the contrastive model") };
     let run_dir = RunDir::create(&opts.output_dir)?;
     run_dir.write_text("config.yaml", &serde_norway::to_string(&cfg)?)?;
 
@@ -217,15 +185,8 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
         let mut out = serde_json::Map::new();
         let mut record = serde_json::Map::new();
         for (name, split) in [("val", &val), ("test", &test)] {
-            let (m, i2t, t2i) = evaluate_split(
-                &model,
-                split.clone(),
-                &tokenizer,
-                batch_test,
-                k_test,
-                opts.workers,
-                name,
-            )?;
+            let (m, i2t, t2i) =
+                evaluate_split(&model, split.clone(), &tokenizer, batch_test, k_test, opts.workers, name)?;
             print_metrics(name, &m);
             if opts.save_scores {
                 save_scores(&run_dir, name, &i2t, &t2i)?;
@@ -256,11 +217,8 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
         loader_cfg.workers = w;
     }
     let loader = Loader::new(train.clone(), loader_cfg);
-    let mut state = if opts.resume {
-        run_dir.resume(&model.store, &mut optimizer, &opts.device)?
-    } else {
-        TrainState::default()
-    };
+    let mut state =
+        if opts.resume { run_dir.resume(&model.store, &mut optimizer, &opts.device)? } else { TrainState::default() };
     if opts.resume {
         eprintln!(
             "resuming after epoch {} (best val r_mean {:?})",
@@ -270,13 +228,11 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
     }
     let dev = opts.device.clone();
     let mut best_val: Option<Metrics> = None;
-    for epoch in state.epochs_done..schedule.epochs {
+    let last_epoch = opts.stop_after_epoch.map_or(schedule.epochs, |n| n.min(schedule.epochs));
+    for epoch in state.epochs_done..last_epoch {
         let iters = loader.num_batches(epoch as u64);
         if iters == 0 {
-            anyhow::bail!(
-                "the training set has fewer captions ({}) than one batch",
-                train.len()
-            );
+            anyhow::bail!("the training set has fewer captions ({}) than one batch", train.len());
         }
         let stats = train_epoch(
             &loop_cfg,
@@ -289,33 +245,17 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
                 let image = stack_images(&pixels, res, &dev)?;
                 let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
                 // `padding='longest', max_length=30` without truncation: max_length has no effect.
-                let (ids, mask) = tokenizer
-                    .encode_batch(&captions, Padding::Longest { truncate_to: None })
-                    .to_tensors(&dev)?;
-                let idx = Tensor::from_vec(
-                    batch.iter().map(|s| s.idx).collect::<Vec<i64>>(),
-                    batch.len(),
-                    &dev,
-                )?;
-                let l =
-                    model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
+                let (ids, mask) =
+                    tokenizer.encode_batch(&captions, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
+                let idx = Tensor::from_vec(batch.iter().map(|s| s.idx).collect::<Vec<i64>>(), batch.len(), &dev)?;
+                let l = model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
                 Ok(vec![("ita", l.ita), ("itm", l.itm)])
             },
         )?;
-        let (val_m, _, _) = evaluate_split(
-            &model,
-            val.clone(),
-            &tokenizer,
-            batch_test,
-            k_test,
-            opts.workers,
-            "val",
-        )?;
+        let (val_m, _, _) = evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.workers, "val")?;
         print_metrics(&format!("epoch {epoch} val"), &val_m);
-        let mut record: serde_json::Map<String, serde_json::Value> = stats
-            .iter()
-            .map(|(k, v)| (format!("train_{k}"), json!(v)))
-            .collect();
+        let mut record: serde_json::Map<String, serde_json::Value> =
+            stats.iter().map(|(k, v)| (format!("train_{k}"), json!(v))).collect();
         record.extend(prefixed("val", &val_m));
         record.insert("epoch".into(), json!(epoch));
         run_dir.log(&serde_json::Value::Object(record))?;
@@ -329,34 +269,20 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
         }
         run_dir.save_checkpoint(LAST, "retrieval", &model.store, Some(&optimizer), &state)?;
     }
+    if last_epoch < schedule.epochs {
+        eprintln!("stopped after epoch {} of {}; continue with --resume", last_epoch, schedule.epochs);
+        return Ok(json!({"stopped_after_epoch": last_epoch}));
+    }
     // Test with the best checkpoint.
     let best_path = run_dir.file(BEST);
     let ckpt = crate::checkpoint::read_checkpoint(&best_path, &opts.device)?;
     crate::checkpoint::load_into(&model.store, &ckpt.tensors)?;
     let best_val = match best_val {
         Some(v) => v,
-        None => {
-            evaluate_split(
-                &model,
-                val.clone(),
-                &tokenizer,
-                batch_test,
-                k_test,
-                opts.workers,
-                "val",
-            )?
-            .0
-        }
+        None => evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.workers, "val")?.0,
     };
-    let (test_m, i2t, t2i) = evaluate_split(
-        &model,
-        test.clone(),
-        &tokenizer,
-        batch_test,
-        k_test,
-        opts.workers,
-        "test",
-    )?;
+    let (test_m, i2t, t2i) =
+        evaluate_split(&model, test.clone(), &tokenizer, batch_test, k_test, opts.workers, "test")?;
     print_metrics("test (best epoch)", &test_m);
     if opts.save_scores {
         save_scores(&run_dir, "test", &i2t, &t2i)?;

@@ -41,20 +41,14 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new(total as u64);
             b.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
             );
             b.set_prefix(header.to_string());
             b
         });
-        Self {
-            bar,
-            header: header.to_string(),
-            total,
-        }
+        Self { bar, header: header.to_string(), total }
     }
 
     pub fn step(&self, i: usize, msg: impl Fn() -> String) {
@@ -108,9 +102,7 @@ where
         for (name, l) in &losses {
             let v = l.to_scalar::<f32>()? as f64;
             if !v.is_finite() {
-                bail!(
-                    "loss_{name} became {v} at epoch {epoch}, iteration {i} (learning rate {lr:e})"
-                );
+                bail!("loss_{name} became {v} at epoch {epoch}, iteration {i} (learning rate {lr:e})");
             }
             *sums.entry(name).or_default() += v;
             shown.push(format!("loss_{name}: {v:.4}"));
@@ -119,18 +111,14 @@ where
                 Some(t) => (t + l)?,
             });
         }
-        let Some(total) = total else {
-            bail!("the task returned no loss")
-        };
+        let Some(total) = total else { bail!("the task returned no loss") };
         optimizer.step(&total.backward()?, lr)?;
         n += 1;
         progress.step(i, || format!("lr: {lr:.6e}  {}", shown.join("  ")));
     }
     progress.finish();
-    let mut out: BTreeMap<String, f64> = sums
-        .into_iter()
-        .map(|(k, v)| (format!("loss_{k}"), v / n.max(1) as f64))
-        .collect();
+    let mut out: BTreeMap<String, f64> =
+        sums.into_iter().map(|(k, v)| (format!("loss_{k}"), v / n.max(1) as f64)).collect();
     out.insert("lr".into(), lr);
     Ok(out)
 }

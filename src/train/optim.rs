@@ -35,27 +35,11 @@ impl AdamW {
             .into_iter()
             .map(|p| {
                 let zeros = p.var.as_tensor().zeros_like()?;
-                let wd = if decays(&p.name, p.var.rank()) {
-                    weight_decay
-                } else {
-                    0.0
-                };
-                Ok(Slot {
-                    name: p.name,
-                    var: p.var,
-                    weight_decay: wd,
-                    m: zeros.clone(),
-                    v: zeros,
-                })
+                let wd = if decays(&p.name, p.var.rank()) { weight_decay } else { 0.0 };
+                Ok(Slot { name: p.name, var: p.var, weight_decay: wd, m: zeros.clone(), v: zeros })
             })
             .collect::<Result<_>>()?;
-        Ok(Self {
-            slots,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            step: 0,
-        })
+        Ok(Self { slots, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0 })
     }
 
     /// One update with learning rate `lr`; parameters without a gradient are left alone.
@@ -72,11 +56,7 @@ impl AdamW {
                 continue;
             };
             let p = s.var.as_tensor().detach();
-            let p = if s.weight_decay > 0.0 {
-                (p * (1.0 - lr * s.weight_decay))?
-            } else {
-                p
-            };
+            let p = if s.weight_decay > 0.0 { (p * (1.0 - lr * s.weight_decay))? } else { p };
             s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
             s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((s.v.sqrt()? / bc2_sqrt)? + self.eps)?;
@@ -131,28 +111,12 @@ mod tests {
         let b = pb.get(2, "lin.bias", Init::Const(1.0)).unwrap();
         let mut opt = AdamW::new(&store, 0.1).unwrap();
         assert_eq!(opt.groups(), (1, 1));
-        let loss = (w.sum_all().unwrap() * 2.0)
-            .unwrap()
-            .add(&b.sum_all().unwrap())
-            .unwrap();
+        let loss = (w.sum_all().unwrap() * 2.0).unwrap().add(&b.sum_all().unwrap()).unwrap();
         opt.step(&loss.backward().unwrap(), 0.01).unwrap();
         // Step 1: m̂ = g, v̂ = g², update = lr·g/(|g| + eps) ≈ lr; decay only on w.
-        let w1 = store
-            .get("w")
-            .unwrap()
-            .as_tensor()
-            .to_vec2::<f32>()
-            .unwrap()[0][0];
-        let b1 = store
-            .get("lin.bias")
-            .unwrap()
-            .as_tensor()
-            .to_vec1::<f32>()
-            .unwrap()[0];
-        assert!(
-            (w1 - (1.0 * (1.0 - 0.01 * 0.1) - 0.01)).abs() < 1e-6,
-            "{w1}"
-        );
+        let w1 = store.get("w").unwrap().as_tensor().to_vec2::<f32>().unwrap()[0][0];
+        let b1 = store.get("lin.bias").unwrap().as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((w1 - (1.0 * (1.0 - 0.01 * 0.1) - 0.01)).abs() < 1e-6, "{w1}");
         assert!((b1 - (1.0 - 0.01)).abs() < 1e-6, "{b1}");
     }
 }

@@ -31,11 +31,8 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn create(path: &Path) -> Result<Self> {
-        std::fs::create_dir_all(path)
-            .with_context(|| format!("cannot create output folder {}", path.display()))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-        })
+        std::fs::create_dir_all(path).with_context(|| format!("cannot create output folder {}", path.display()))?;
+        Ok(Self { path: path.to_path_buf() })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -55,10 +52,7 @@ impl RunDir {
     }
 
     pub fn write_json(&self, name: &str, value: &serde_json::Value) -> Result<()> {
-        write_atomic(
-            &self.file(name),
-            serde_json::to_string_pretty(value)?.as_bytes(),
-        )
+        write_atomic(&self.file(name), serde_json::to_string_pretty(value)?.as_bytes())
     }
 
     pub fn write_text(&self, name: &str, text: &str) -> Result<()> {
@@ -80,30 +74,16 @@ impl RunDir {
         }
         let mut meta = BTreeMap::new();
         meta.insert("albef_task".to_string(), task.to_string());
-        meta.insert(
-            "albef_version".to_string(),
-            env!("CARGO_PKG_VERSION").to_string(),
-        );
-        meta.insert(
-            "albef_train_state".to_string(),
-            serde_json::to_string(state)?,
-        );
+        meta.insert("albef_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+        meta.insert("albef_train_state".to_string(), serde_json::to_string(state)?);
         save_safetensors(&tensors, &meta, &self.file(name))
     }
 
     /// Restores model, optimizer and state from `checkpoint_last.safetensors`.
-    pub fn resume(
-        &self,
-        store: &ParamStore,
-        optimizer: &mut AdamW,
-        device: &Device,
-    ) -> Result<TrainState> {
+    pub fn resume(&self, store: &ParamStore, optimizer: &mut AdamW, device: &Device) -> Result<TrainState> {
         let path = self.file(LAST);
         if !path.is_file() {
-            bail!(
-                "--resume: {} does not exist (no completed epoch to resume from)",
-                path.display()
-            );
+            bail!("--resume: {} does not exist (no completed epoch to resume from)", path.display());
         }
         let ckpt = read_checkpoint(&path, device)?;
         let state: TrainState = serde_json::from_str(
@@ -111,10 +91,8 @@ impl RunDir {
                 .get("albef_train_state")
                 .with_context(|| format!("{} has no training state", path.display()))?,
         )?;
-        let (opt_state, model): (StateDict, StateDict) = ckpt
-            .tensors
-            .into_iter()
-            .partition(|(k, _)| k.starts_with("optimizer."));
+        let (opt_state, model): (StateDict, StateDict) =
+            ckpt.tensors.into_iter().partition(|(k, _)| k.starts_with("optimizer."));
         let report = crate::checkpoint::load_into(store, &model)?;
         if !report.missing.is_empty() || !report.unexpected.is_empty() {
             bail!("{} does not match this model:\n{report}", path.display());

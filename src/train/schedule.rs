@@ -33,17 +33,14 @@ impl ScheduleConfig {
     /// timm's value at scheduler time `t`.
     pub fn at(&self, t: usize) -> f64 {
         if t < self.warmup_epochs {
-            return self.warmup_lr
-                + t as f64 * (self.lr - self.warmup_lr) / self.warmup_epochs as f64;
+            return self.warmup_lr + t as f64 * (self.lr - self.warmup_lr) / self.warmup_epochs as f64;
         }
         let t = t - self.warmup_epochs;
         if t >= self.epochs {
             return self.min_lr;
         }
         self.min_lr
-            + 0.5
-                * (self.lr - self.min_lr)
-                * (1.0 + (std::f64::consts::PI * t as f64 / self.epochs as f64).cos())
+            + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t as f64 / self.epochs as f64).cos())
     }
 
     /// Learning rate of iteration `iter` of `epoch`. Epoch 0: `warmup_lr` at first, then the
@@ -98,15 +95,8 @@ mod tests {
             assert!((got - w).abs() < 0.006e-6, "epoch {e}: {got} vs {w}");
         }
         // VQA: 8 epochs, lr 2e-5, min 1e-6, warm-up 4 blocks from 1e-5.
-        let vqa = ScheduleConfig {
-            lr: 2e-5,
-            epochs: 8,
-            warmup_epochs: 4,
-            ..coco()
-        };
-        let want = [
-            2e-5, 1.93e-5, 1.72e-5, 1.41e-5, 1.05e-5, 6.86e-6, 3.78e-6, 1.72e-6,
-        ];
+        let vqa = ScheduleConfig { lr: 2e-5, epochs: 8, warmup_epochs: 4, ..coco() };
+        let want = [2e-5, 1.93e-5, 1.72e-5, 1.41e-5, 1.05e-5, 6.86e-6, 3.78e-6, 1.72e-6];
         for (e, w) in want.iter().enumerate() {
             let got = vqa.lr(e, 100_000);
             assert!((got - w).abs() / w < 0.005, "vqa epoch {e}: {got} vs {w}");
@@ -115,11 +105,7 @@ mod tests {
 
     #[test]
     fn warmup_counts_blocks_of_100_iterations() {
-        let s = ScheduleConfig {
-            lr: 2e-5,
-            warmup_epochs: 4,
-            ..coco()
-        };
+        let s = ScheduleConfig { lr: 2e-5, warmup_epochs: 4, ..coco() };
         let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-15, "{a} vs {b}");
         close(s.lr(0, 0), 1e-5);
         close(s.lr(0, 100), 1e-5); // stepped to t = 0 after iteration 0

@@ -8,9 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub fn fixture_dir(set: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(set)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(set)
 }
 
 pub fn manifest(set: &str) -> serde_json::Value {
@@ -23,9 +21,7 @@ pub fn io(set: &str) -> HashMap<String, Tensor> {
 }
 
 pub fn scalar(set: &str, name: &str) -> f64 {
-    manifest(set)["scalars"][name]["value"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{set}: no scalar {name}"))
+    manifest(set)["scalars"][name]["value"].as_f64().unwrap_or_else(|| panic!("{set}: no scalar {name}"))
 }
 
 /// The fixture's `config.json` as a [`ModelConfig`].
@@ -57,12 +53,7 @@ pub fn model_config(set: &str) -> ModelConfig {
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+    t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
 }
 
 /// Max error where |want| ≤ 1 is absolute and above 1 relative, as the issue defines "within".
@@ -89,10 +80,7 @@ pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f32) {
 
 pub fn assert_scalar(name: &str, got: f64, want: f64, tol: f64) {
     let err = (got - want).abs() / want.abs().max(1.0);
-    assert!(
-        err <= tol,
-        "{name}: got {got}, want {want} (error {err:.3e} > {tol:e})"
-    );
+    assert!(err <= tol, "{name}: got {got}, want {want} (error {err:.3e} > {tol:e})");
 }
 
 /// Relative error check for gradients: ‖got − want‖ / ‖want‖ (elementwise-relative is noisy on
@@ -100,21 +88,7 @@ pub fn assert_scalar(name: &str, got: f64, want: f64, tol: f64) {
 pub fn assert_rel(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
     assert_eq!(got.dims(), want.dims(), "{name}: shape");
     let (g, w) = (flat(got), flat(want));
-    let diff: f64 = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let norm: f64 = w
-        .iter()
-        .map(|b| (*b as f64).powi(2))
-        .sum::<f64>()
-        .sqrt()
-        .max(1e-30);
-    assert!(
-        diff / norm <= tol,
-        "{name}: relative error {:.3e} exceeds {tol:e}",
-        diff / norm
-    );
+    let diff: f64 = g.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+    assert!(diff / norm <= tol, "{name}: relative error {:.3e} exceeds {tol:e}", diff / norm);
 }
