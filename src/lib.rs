@@ -11,6 +11,7 @@ pub mod data;
 pub mod eval;
 pub mod model;
 pub mod nn;
+pub mod report;
 pub mod tasks;
 pub mod train;
 pub mod util;

@@ -21,6 +21,8 @@ enum Command {
     /// Inspect checkpoint files.
     #[command(subcommand)]
     Checkpoint(cli::checkpoint::CheckpointCommand),
+    /// Train and evaluate a small ALBEF on generated data, in minutes, on a CPU.
+    Demo(cli::demo::DemoArgs),
     /// Image-text retrieval: fine-tune and evaluate (Flickr30K, COCO), as Retrieval.py.
     Retrieval(cli::retrieval::RetrievalArgs),
     /// Datasets: generate the synthetic one.
@@ -34,6 +36,7 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Checkpoint(c) => cli::checkpoint::run(c),
+        Command::Demo(a) => cli::demo::run_cli(a),
         Command::Retrieval(a) => cli::retrieval::run_cli(a),
         Command::Data(c) => cli::data::run(c),
         Command::Bench(a) => cli::bench::run(a),

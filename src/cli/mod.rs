@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod demo;
 pub mod retrieval;
 
 use anyhow::{bail, Result};

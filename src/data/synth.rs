@@ -162,10 +162,13 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
         let mut used = std::collections::HashSet::new();
         for i in 0..n {
             // Evaluation images get distinct descriptions, so every query has one right answer.
+            // (Up to a point: a small world may not have enough distinct scenes.)
+            let mut attempts = 0;
             let scene = loop {
                 let s = Scene::random(&mut rng, cfg.max_shapes);
                 let captions = s.captions();
-                if split == "train" || captions.iter().all(|c| !used.contains(c)) {
+                attempts += 1;
+                if split == "train" || attempts > 1000 || captions.iter().all(|c| !used.contains(c)) {
                     used.extend(captions);
                     break s;
                 }

@@ -1,6 +1,7 @@
 //! Task assembly: build the model a task needs and load a checkpoint into it the way the
 //! reference script for that task does.
 
+pub mod demo;
 pub mod retrieval;
 
 use crate::checkpoint::{classify, load_into, read_checkpoint, remap, CheckpointKind, KeyReport, StateDict, Task};

@@ -1,0 +1,41 @@
+//! `albef demo`.
+
+use albef::report::metrics_table;
+use albef::tasks::demo::{run, DemoOptions};
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    #[arg(long = "output_dir", alias = "output-dir", default_value = "output/demo")]
+    output_dir: PathBuf,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Training epochs.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Synthetic training images (two captions each).
+    #[arg(long, default_value_t = 2000)]
+    train_images: usize,
+    /// Validation and test images each.
+    #[arg(long, default_value_t = 100)]
+    test_images: usize,
+}
+
+pub fn run_cli(a: DemoArgs) -> Result<()> {
+    let opts = DemoOptions {
+        output_dir: a.output_dir,
+        seed: a.seed,
+        train_images: a.train_images,
+        test_images: a.test_images,
+        epochs: a.epochs,
+        max_shapes: 2,
+        batch_size: 32,
+        workers: None,
+    };
+    let s = run(&opts)?;
+    println!("\n{}", metrics_table(&[("val (best epoch)", &s.val), ("test", &s.test)]));
+    println!("finished in {:.0} s; report: {}", s.seconds, s.report.display());
+    Ok(())
+}
