@@ -10,8 +10,9 @@ use crate::data::{Padding, Tokenizer};
 use crate::eval::retrieval::{itm_eval, score_matrices, Encoded, Metrics, Scores};
 use crate::model::ContrastiveModel;
 use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
+use crate::train::fit::{fit, load_best, prefixed, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
-use crate::train::run::{RunDir, TrainState, BEST, LAST};
+use crate::train::run::{RunDir, TrainState};
 use crate::train::schedule::ScheduleConfig;
 use crate::train::{train_epoch, LoopConfig, Progress};
 use anyhow::{Context, Result};
@@ -117,15 +118,6 @@ fn save_scores(run: &RunDir, split: &str, i2t: &Scores, t2i: &Scores) -> Result<
     crate::checkpoint::save_safetensors(&sd, &Default::default(), &run.file(&format!("scores_{split}.safetensors")))
 }
 
-fn prefixed(prefix: &str, m: &Metrics) -> serde_json::Map<String, serde_json::Value> {
-    m.iter().map(|(k, v)| (format!("{prefix}_{k}"), json!(v))).collect()
-}
-
-fn print_metrics(split: &str, m: &Metrics) {
-    let cells: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
-    eprintln!("{split}: {}", cells.join("  "));
-}
-
 /// Runs `albef retrieval`: trains (unless `evaluate`) and evaluates. Returns the metrics written
 /// to `metrics.json`.
 pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
@@ -217,66 +209,53 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
         loader_cfg.workers = w;
     }
     let loader = Loader::new(train.clone(), loader_cfg);
-    let mut state =
+    let state =
         if opts.resume { run_dir.resume(&model.store, &mut optimizer, &opts.device)? } else { TrainState::default() };
-    if opts.resume {
-        eprintln!(
-            "resuming after epoch {} (best val r_mean {:?})",
-            state.epochs_done.saturating_sub(1),
-            state.best_metric
-        );
-    }
     let dev = opts.device.clone();
-    let mut best_val: Option<Metrics> = None;
-    let last_epoch = opts.stop_after_epoch.map_or(schedule.epochs, |n| n.min(schedule.epochs));
-    for epoch in state.epochs_done..last_epoch {
-        let iters = loader.num_batches(epoch as u64);
-        if iters == 0 {
-            anyhow::bail!("the training set has fewer captions ({}) than one batch", train.len());
-        }
-        let stats = train_epoch(
-            &loop_cfg,
-            &mut optimizer,
-            epoch,
-            loader.epoch(epoch as u64, 0),
-            iters,
-            |batch: Vec<TrainSample>, alpha, rng| {
-                let pixels: Vec<Vec<f32>> = batch.iter().map(|s| s.pixels.clone()).collect();
-                let image = stack_images(&pixels, res, &dev)?;
-                let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
-                // `padding='longest', max_length=30` without truncation: max_length has no effect.
-                let (ids, mask) =
-                    tokenizer.encode_batch(&captions, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
-                let idx = Tensor::from_vec(batch.iter().map(|s| s.idx).collect::<Vec<i64>>(), batch.len(), &dev)?;
-                let l = model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
-                Ok(vec![("ita", l.ita), ("itm", l.itm)])
-            },
-        )?;
-        let (val_m, _, _) = evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.workers, "val")?;
-        print_metrics(&format!("epoch {epoch} val"), &val_m);
-        let mut record: serde_json::Map<String, serde_json::Value> =
-            stats.iter().map(|(k, v)| (format!("train_{k}"), json!(v))).collect();
-        record.extend(prefixed("val", &val_m));
-        record.insert("epoch".into(), json!(epoch));
-        run_dir.log(&serde_json::Value::Object(record))?;
-        state.epochs_done = epoch + 1;
-        state.optimizer_step = optimizer.step;
-        if state.best_metric.is_none_or(|b| val_m["r_mean"] > b) {
-            state.best_metric = Some(val_m["r_mean"]);
-            state.best_epoch = Some(epoch);
-            run_dir.save_checkpoint(BEST, "retrieval", &model.store, None, &state)?;
-            best_val = Some(val_m.clone());
-        }
-        run_dir.save_checkpoint(LAST, "retrieval", &model.store, Some(&optimizer), &state)?;
-    }
-    if last_epoch < schedule.epochs {
-        eprintln!("stopped after epoch {} of {}; continue with --resume", last_epoch, schedule.epochs);
-        return Ok(json!({"stopped_after_epoch": last_epoch}));
-    }
+    let fit_cfg = FitConfig {
+        run: &run_dir,
+        task: "retrieval",
+        epochs: schedule.epochs,
+        stop_after_epoch: opts.stop_after_epoch,
+        select: Some("r_mean"),
+    };
+    let end = fit(
+        &fit_cfg,
+        &model.store,
+        &mut optimizer,
+        state,
+        |epoch, optimizer| {
+            let iters = loader.num_batches(epoch as u64);
+            if iters == 0 {
+                anyhow::bail!("the training set has fewer captions ({}) than one batch", train.len());
+            }
+            train_epoch(
+                &loop_cfg,
+                optimizer,
+                epoch,
+                loader.epoch(epoch as u64, 0),
+                iters,
+                |batch: Vec<TrainSample>, alpha, rng| {
+                    let pixels: Vec<Vec<f32>> = batch.iter().map(|s| s.pixels.clone()).collect();
+                    let image = stack_images(&pixels, res, &dev)?;
+                    let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
+                    // `padding='longest', max_length=30` without truncation: max_length has no effect.
+                    let (ids, mask) =
+                        tokenizer.encode_batch(&captions, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
+                    let idx = Tensor::from_vec(batch.iter().map(|s| s.idx).collect::<Vec<i64>>(), batch.len(), &dev)?;
+                    let l = model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
+                    Ok(vec![("ita", l.ita), ("itm", l.itm)])
+                },
+            )
+        },
+        |_| Ok(Some(evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.workers, "val")?.0)),
+    )?;
+    let (state, best_val) = match end {
+        FitEnd::Stopped(n) => return Ok(json!({"stopped_after_epoch": n})),
+        FitEnd::Finished { state, best_val } => (state, best_val),
+    };
     // Test with the best checkpoint.
-    let best_path = run_dir.file(BEST);
-    let ckpt = crate::checkpoint::read_checkpoint(&best_path, &opts.device)?;
-    crate::checkpoint::load_into(&model.store, &ckpt.tensors)?;
+    load_best(&run_dir, &model.store)?;
     let best_val = match best_val {
         Some(v) => v,
         None => evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.workers, "val")?.0,

@@ -2,6 +2,7 @@
 //! backward, AdamW), run folders (logs, configs, metrics), checkpoints with optimizer state and
 //! resuming.
 
+pub mod fit;
 pub mod optim;
 pub mod run;
 pub mod schedule;
