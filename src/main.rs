@@ -24,7 +24,11 @@ enum Command {
     /// Train and evaluate a small ALBEF on generated data, in minutes, on a CPU.
     Demo(cli::demo::DemoArgs),
     /// Image-text retrieval: fine-tune and evaluate (Flickr30K, COCO), as Retrieval.py.
-    Retrieval(cli::retrieval::RetrievalArgs),
+    Retrieval(cli::tasks::RetrievalArgs),
+    /// SNLI-VE visual entailment: fine-tune and evaluate, as VE.py.
+    Ve(cli::tasks::ClassifyArgs),
+    /// NLVR2: fine-tune and evaluate from the text-assignment checkpoint, as NLVR.py.
+    Nlvr(cli::tasks::ClassifyArgs),
     /// Datasets: generate the synthetic one.
     #[command(subcommand)]
     Data(cli::data::DataCommand),
@@ -37,7 +41,9 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Checkpoint(c) => cli::checkpoint::run(c),
         Command::Demo(a) => cli::demo::run_cli(a),
-        Command::Retrieval(a) => cli::retrieval::run_cli(a),
+        Command::Retrieval(a) => cli::tasks::retrieval(a),
+        Command::Ve(a) => cli::tasks::classify(albef::checkpoint::Task::Ve, a),
+        Command::Nlvr(a) => cli::tasks::classify(albef::checkpoint::Task::Nlvr, a),
         Command::Data(c) => cli::data::run(c),
         Command::Bench(a) => cli::bench::run(a),
     };

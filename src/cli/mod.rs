@@ -4,7 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod demo;
-pub mod retrieval;
+pub mod tasks;
 
 use anyhow::{bail, Result};
 use candle_core::Device;

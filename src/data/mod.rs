@@ -2,6 +2,7 @@
 
 pub mod annotations;
 pub mod augment;
+pub mod classify;
 pub mod loader;
 pub mod retrieval;
 pub mod synth;

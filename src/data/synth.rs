@@ -24,10 +24,11 @@ pub const SIZES: [&str; 2] = ["small", "large"];
 const BACKGROUND: [u8; 3] = [128, 128, 128];
 
 /// Every word the grammar can produce (the vocabulary after the special tokens).
-pub const WORDS: [&str; 36] = [
+pub const WORDS: [&str; 43] = [
     "a", "an", "the", "and", "of", "to", "is", "there", "are", "in", "on", "image", "picture", "left", "right",
     "above", "below", "small", "large", "circle", "square", "triangle", "red", "green", "blue", "yellow", "purple",
-    "orange", "white", "black", "one", "two", "three", "shape", "shapes", "with",
+    "orange", "white", "black", "one", "two", "three", "shape", "shapes", "with", "contains", "what", "color", "how",
+    "many", "yes", "no",
 ];
 
 /// Ids 0..103 as in bert-base-uncased: [PAD] 0, [unused*], [UNK] 100, [CLS] 101, [SEP] 102,
@@ -151,12 +152,14 @@ pub struct SynthSummary {
     pub train_captions: usize,
 }
 
-/// Writes `images/`, `retrieval_{train,val,test}.json` and `vocab.txt` under `out`.
+/// Writes `images/`, `retrieval_{train,val,test}.json`, the VQA / NLVR2 / SNLI-VE files and
+/// `vocab.txt` under `out`.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
     let images_dir = out.join("images");
     std::fs::create_dir_all(&images_dir).with_context(|| format!("cannot create {}", images_dir.display()))?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut summary = SynthSummary::default();
+    let mut scenes: [Vec<Scene>; 3] = Default::default();
     for (split_i, (split, n)) in [("train", cfg.train), ("val", cfg.val), ("test", cfg.test)].into_iter().enumerate() {
         let mut entries = Vec::new();
         let mut used = std::collections::HashSet::new();
@@ -179,6 +182,7 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
             scene.render(cfg.image_size).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
             write_atomic(&path, &png)?;
             let captions = scene.captions();
+            scenes[split_i].push(scene.clone());
             if split == "train" {
                 for c in &captions {
                     entries.push(
@@ -193,8 +197,87 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
         summary.images[split_i] = n;
         write_atomic(&out.join(format!("retrieval_{split}.json")), serde_json::to_string_pretty(&entries)?.as_bytes())?;
     }
+    write_task_files(out, cfg, &scenes)?;
     write_atomic(&out.join("vocab.txt"), (vocab().join("\n") + "\n").as_bytes())?;
     Ok(summary)
+}
+
+/// Answers the synthetic VQA questions can have (`answer_list.json`).
+pub fn answer_list() -> Vec<String> {
+    let mut a: Vec<String> = COLORS.iter().map(|c| c.0.to_string()).collect();
+    a.extend(["one", "two", "three", "yes", "no"].map(String::from));
+    a
+}
+
+const NUMBERS: [&str; 4] = ["zero", "one", "two", "three"];
+
+/// VQA, NLVR2 and SNLI-VE files over the same scenes:
+/// `vqa_{split}.json` (+ `answer_list.json`), `nlvr_{split}.json`, `ve_{split}.json` (+ JPEG
+/// copies under `ve_images/`, as SNLI-VE names images by id and reads `<id>.jpg`).
+fn write_task_files(out: &Path, cfg: &SynthConfig, scenes: &[Vec<Scene>; 3]) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x7a5c);
+    std::fs::create_dir_all(out.join("ve_images"))?;
+    let mut qid = 0u64;
+    for (split_i, split) in ["train", "val", "test"].into_iter().enumerate() {
+        let scenes = &scenes[split_i];
+        let image = |i: usize| format!("images/{split}_{i:05}.png");
+        let (mut vqa, mut nlvr, mut ve) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, scene) in scenes.iter().enumerate() {
+            // VQA: a colour question about a shape kind that occurs once, a count, a yes/no.
+            let mut qa = vec![("how many shapes are there".to_string(), NUMBERS[scene.shapes.len()].to_string())];
+            let s0 = scene.shapes[rng.random_range(0..scene.shapes.len())];
+            if scene.shapes.iter().filter(|s| s.kind == s0.kind).count() == 1 {
+                qa.push((format!("what color is the {}", SHAPES[s0.kind]), COLORS[s0.color].0.to_string()));
+            }
+            let (c, k) = if rng.random_bool(0.5) {
+                (s0.color, s0.kind)
+            } else {
+                (rng.random_range(0..COLORS.len()), rng.random_range(0..SHAPES.len()))
+            };
+            let present = scene.shapes.iter().any(|s| s.color == c && s.kind == k);
+            qa.push((
+                format!("is there a {} {}", COLORS[c].0, SHAPES[k]),
+                if present { "yes" } else { "no" }.to_string(),
+            ));
+            for (q, a) in qa {
+                let mut e = json!({"dataset": "vqa", "image": image(i), "question": q, "answer": vec![a; 10]});
+                if split != "train" {
+                    e["question_id"] = json!(qid);
+                }
+                qid += 1;
+                vqa.push(e);
+            }
+            // NLVR2: is a described shape in the left image?
+            let j = (i + 1 + rng.random_range(0..scenes.len().max(2) - 1)) % scenes.len().max(1);
+            let target = if rng.random_bool(0.5) { scene.shapes[0] } else { scenes[j].shapes[0] };
+            let truth = scene.shapes.iter().any(|s| s.color == target.color && s.kind == target.kind);
+            let sentence = format!("the left image contains a {} {}", COLORS[target.color].0, SHAPES[target.kind]);
+            nlvr.push(json!({"images": [image(i), image(j)], "sentence": sentence, "label": if truth { "True" } else { "False" }}));
+            // SNLI-VE: entailment = a true phrase, contradiction = wrong colour, neutral = wrong size.
+            if split != "train" || i < 500 {
+                let id = format!("{split}_{i:05}");
+                scene.render(cfg.image_size).save(out.join("ve_images").join(format!("{id}.jpg")))?;
+                let s = scene.shapes[0];
+                let wrong_color =
+                    Shape { color: (s.color + 1 + rng.random_range(0..COLORS.len() - 1)) % COLORS.len(), ..s };
+                let wrong_size = Shape { large: !s.large, ..s };
+                for (hyp, label) in [
+                    (s.phrase(true), "entailment"),
+                    (wrong_color.phrase(true), "contradiction"),
+                    (wrong_size.phrase(true), "neutral"),
+                ] {
+                    ve.push(json!({"image": id, "sentence": format!("there is {hyp}"), "label": label}));
+                }
+            }
+        }
+        for (name, entries) in [("vqa", vqa), ("nlvr", nlvr), ("ve", ve)] {
+            write_atomic(
+                &out.join(format!("{name}_{split}.json")),
+                serde_json::to_string_pretty(&entries)?.as_bytes(),
+            )?;
+        }
+    }
+    write_atomic(&out.join("answer_list.json"), serde_json::to_string(&answer_list())?.as_bytes())
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Task assembly: build the model a task needs and load a checkpoint into it the way the
 //! reference script for that task does.
 
+pub mod classify;
 pub mod demo;
 pub mod retrieval;
 
@@ -99,6 +100,13 @@ pub fn load_checkpoint(
         if !compatible {
             bail!("{} is a fine-tuned {t:?} checkpoint; it cannot initialise a {task:?} model (use a pre-training checkpoint such as ALBEF.pth)", path.display());
         }
+    }
+    if task == Task::Nlvr && matches!(kind, CheckpointKind::Pretraining { .. }) {
+        bail!(
+            "{} is {kind}; NLVR2 fine-tuning starts from the text-assignment checkpoint (the output of \
+             `albef nlvr-pretrain`, or the released pretrain_model_nlvr.pth)",
+            path.display()
+        );
     }
     let (sd, notes): (StateDict, Vec<String>) = remap(task, ckpt.tensors, evaluate, cfg.bert.fusion_layer);
     let mut report = load_into(model.store(), &sd)?;
