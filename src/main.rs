@@ -25,6 +25,8 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Image-text retrieval: fine-tune and evaluate (Flickr30K, COCO), as Retrieval.py.
     Retrieval(cli::tasks::RetrievalArgs),
+    /// VQA v2: fine-tune and rank the answer list, as VQA.py.
+    Vqa(cli::tasks::VqaArgs),
     /// SNLI-VE visual entailment: fine-tune and evaluate, as VE.py.
     Ve(cli::tasks::ClassifyArgs),
     /// NLVR2: fine-tune and evaluate from the text-assignment checkpoint, as NLVR.py.
@@ -42,6 +44,7 @@ fn main() {
         Command::Checkpoint(c) => cli::checkpoint::run(c),
         Command::Demo(a) => cli::demo::run_cli(a),
         Command::Retrieval(a) => cli::tasks::retrieval(a),
+        Command::Vqa(a) => cli::tasks::vqa(a),
         Command::Ve(a) => cli::tasks::classify(albef::checkpoint::Task::Ve, a),
         Command::Nlvr(a) => cli::tasks::classify(albef::checkpoint::Task::Nlvr, a),
         Command::Data(c) => cli::data::run(c),

@@ -3,6 +3,7 @@
 use albef::checkpoint::Task;
 use albef::tasks::classify::{self, ClassifyOptions};
 use albef::tasks::retrieval::{self, RetrievalOptions};
+use albef::tasks::vqa::{self, VqaOptions};
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
@@ -117,5 +118,30 @@ pub fn classify(task: Task, a: ClassifyArgs) -> Result<()> {
         workers: c.workers,
         stop_after_epoch: c.stop_after_epoch,
         teacher_from_checkpoint: a.teacher_from_checkpoint,
+    })?)
+}
+
+#[derive(Args)]
+pub struct VqaArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Accepted for compatibility (VQA.py's `--text_decoder`); the decoder shares the tokenizer.
+    #[arg(long = "text_decoder", hide = true)]
+    text_decoder: Option<PathBuf>,
+}
+
+pub fn vqa(a: VqaArgs) -> Result<()> {
+    let (config, output_dir, device, c) = a.common.resolve("./configs/VQA.yaml", "output/vqa")?;
+    print(&vqa::run(&VqaOptions {
+        config,
+        output_dir,
+        text_encoder: c.text_encoder,
+        checkpoint: c.checkpoint,
+        evaluate: c.evaluate,
+        resume: c.resume,
+        seed: c.seed,
+        device,
+        workers: c.workers,
+        stop_after_epoch: c.stop_after_epoch,
     })?)
 }

@@ -9,5 +9,6 @@ pub mod synth;
 pub mod text;
 pub mod tokenizer;
 pub mod transform;
+pub mod vqa;
 
 pub use tokenizer::{Encoded, Padding, Tokenizer};

@@ -1,3 +1,4 @@
 //! Evaluation procedures shared by the CLI and the tests.
 
 pub mod retrieval;
+pub mod vqa;

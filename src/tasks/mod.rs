@@ -4,6 +4,7 @@
 pub mod classify;
 pub mod demo;
 pub mod retrieval;
+pub mod vqa;
 
 use crate::checkpoint::{classify, load_into, read_checkpoint, remap, CheckpointKind, KeyReport, StateDict, Task};
 use crate::model::{
