@@ -29,6 +29,9 @@ enum Command {
     Vqa(cli::tasks::VqaArgs),
     /// SNLI-VE visual entailment: fine-tune and evaluate, as VE.py.
     Ve(cli::tasks::ClassifyArgs),
+    /// Text-assignment pre-training for NLVR2, as Pretrain_nlvr.py.
+    #[command(name = "nlvr-pretrain")]
+    NlvrPretrain(cli::tasks::CommonArgs),
     /// NLVR2: fine-tune and evaluate from the text-assignment checkpoint, as NLVR.py.
     Nlvr(cli::tasks::ClassifyArgs),
     /// Datasets: generate the synthetic one.
@@ -45,6 +48,7 @@ fn main() {
         Command::Demo(a) => cli::demo::run_cli(a),
         Command::Retrieval(a) => cli::tasks::retrieval(a),
         Command::Vqa(a) => cli::tasks::vqa(a),
+        Command::NlvrPretrain(a) => cli::tasks::nlvr_pretrain(a),
         Command::Ve(a) => cli::tasks::classify(albef::checkpoint::Task::Ve, a),
         Command::Nlvr(a) => cli::tasks::classify(albef::checkpoint::Task::Nlvr, a),
         Command::Data(c) => cli::data::run(c),

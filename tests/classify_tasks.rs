@@ -117,3 +117,48 @@ fn unknown_label_and_pretraining_checkpoint_are_explained() {
     assert!(e.contains("text-assignment checkpoint"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn text_assignment_pretraining_feeds_nlvr() {
+    use albef::tasks::nlvr_pretrain::{run as pretrain, NlvrPretrainOptions};
+    let dir = setup("ta");
+    let d = dir.display();
+    let ta_cfg = dir.join("ta.yaml");
+    std::fs::write(
+        &ta_cfg,
+        format!(
+            "train_file: ['{d}/data/retrieval_train.json']\nimage_root: '{d}/data'\nbert_config: '{d}/bert.json'\nimage_res: 32\n\
+             vision_width: 32\nembed_dim: 16\nbatch_size: 16\nnlvr_layers: 3\ninit_std: 0.1\n\
+             vision: {{patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, mlp_ratio: 2}}\n\
+             optimizer: {{opt: adamW, lr: 1e-3, weight_decay: 0.02}}\n\
+             schedular: {{sched: cosine, lr: 1e-3, epochs: 3, min_lr: 1e-4, decay_rate: 1, warmup_lr: 1e-3, warmup_epochs: 1, cooldown_epochs: 0}}\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.join("ta_out");
+    pretrain(&NlvrPretrainOptions {
+        config: ta_cfg,
+        output_dir: out.clone(),
+        text_encoder: dir.join("data/vocab.txt"),
+        checkpoint: None,
+        resume: false,
+        seed: 1,
+        device: Device::Cpu,
+        workers: Some(2),
+        stop_after_epoch: None,
+    })
+    .unwrap();
+    let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss_ta"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    // NLVR2 fine-tuning starts from the TA checkpoint (the reference's teacher quirk by default).
+    let mut nlvr = options(&dir, Task::Nlvr, config(&dir, Task::Nlvr, 1), "nlvr_from_ta");
+    nlvr.checkpoint = Some(out.join("checkpoint_last.safetensors"));
+    let m = run(&nlvr).unwrap();
+    assert!(m["test"]["acc"].as_f64().is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,6 +2,7 @@
 
 use albef::checkpoint::Task;
 use albef::tasks::classify::{self, ClassifyOptions};
+use albef::tasks::nlvr_pretrain::{self, NlvrPretrainOptions};
 use albef::tasks::retrieval::{self, RetrievalOptions};
 use albef::tasks::vqa::{self, VqaOptions};
 use anyhow::Result;
@@ -138,6 +139,24 @@ pub fn vqa(a: VqaArgs) -> Result<()> {
         text_encoder: c.text_encoder,
         checkpoint: c.checkpoint,
         evaluate: c.evaluate,
+        resume: c.resume,
+        seed: c.seed,
+        device,
+        workers: c.workers,
+        stop_after_epoch: c.stop_after_epoch,
+    })?)
+}
+
+pub fn nlvr_pretrain(c: CommonArgs) -> Result<()> {
+    let (config, output_dir, device, c) = c.resolve("./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")?;
+    if c.evaluate {
+        anyhow::bail!("nlvr-pretrain has no evaluation; evaluate the NLVR2 model with `albef nlvr --evaluate`");
+    }
+    print(&nlvr_pretrain::run(&NlvrPretrainOptions {
+        config,
+        output_dir,
+        text_encoder: c.text_encoder,
+        checkpoint: c.checkpoint,
         resume: c.resume,
         seed: c.seed,
         device,

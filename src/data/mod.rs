@@ -4,6 +4,7 @@ pub mod annotations;
 pub mod augment;
 pub mod classify;
 pub mod loader;
+pub mod pretrain;
 pub mod retrieval;
 pub mod synth;
 pub mod text;

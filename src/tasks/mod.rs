@@ -3,6 +3,7 @@
 
 pub mod classify;
 pub mod demo;
+pub mod nlvr_pretrain;
 pub mod retrieval;
 pub mod vqa;
 
