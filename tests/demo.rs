@@ -43,7 +43,10 @@ fn short_demo_learns_and_writes_its_report() {
     albef::checkpoint::read_checkpoint(&dir.join("checkpoint_best.safetensors"), &candle_core::Device::Cpu).unwrap();
 
     // A second run reuses the generated data.
-    let again = run(&DemoOptions { epochs: 1, ..opts }).unwrap();
+    let vqa = s.vqa.as_ref().expect("the VQA part ran");
+    assert!(vqa["questions"] > 0.0 && (0.0..=100.0).contains(&vqa["vqa_acc"]));
+    assert!(report.contains("VQA accuracy") && dir.join("vqa/vqa_result.json").is_file());
+    let again = run(&DemoOptions { epochs: 1, vqa_epochs: 0, ..opts }).unwrap();
     assert!(again.report.is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,7 +22,7 @@ impl Fixture {
         std::fs::write(
             dir.join("bert.json"),
             r#"{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-                "max_position_embeddings": 40, "vocab_size": 147, "fusion_layer": 1, "encoder_width": 32}"#,
+                "max_position_embeddings": 40, "vocab_size": 150, "fusion_layer": 1, "encoder_width": 32}"#,
         )
         .unwrap();
         let f = Self { dir };

@@ -6,7 +6,7 @@
 use albef::eval::retrieval::{score_matrices, Encoded};
 use albef::model::bert::{BertModel, CrossStates, Layout, Mode};
 use albef::model::vit::VisionTransformer;
-use albef::model::{ContrastiveModel, ModelConfig, Objective};
+use albef::model::{ContrastiveModel, ModelConfig, Objective, VqaModel};
 use albef::nn::ParamStore;
 use albef::train::optim::AdamW;
 use anyhow::Result;
@@ -30,12 +30,19 @@ pub struct BenchArgs {
     text_len: usize,
     #[arg(long, default_value_t = 384)]
     image_res: usize,
-    /// Sections to run: vit, fusion, rerank, train.
-    #[arg(long, value_delimiter = ',', default_value = "vit,fusion,rerank,train")]
+    /// Sections to run: vit, fusion, rerank, train, vqa.
+    #[arg(long, value_delimiter = ',', default_value = "vit,fusion,rerank,train,vqa")]
     only: Vec<String>,
     /// Retrieval training-step batch.
     #[arg(long, default_value_t = 4)]
     train_batch: usize,
+    /// VQA questions per batch, answer-list size and k_test.
+    #[arg(long, default_value_t = 4)]
+    vqa_batch: usize,
+    #[arg(long, default_value_t = 3128)]
+    vqa_answers: usize,
+    #[arg(long, default_value_t = 128)]
+    vqa_k: usize,
     /// ITM re-rank candidates per image (k_test).
     #[arg(long, default_value_t = 32)]
     k_test: usize,
@@ -197,6 +204,50 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 t_train / t_fwd
             );
         }
+    }
+    if want("vqa") {
+        let model = VqaModel::new(&cfg, &dev, 0)?;
+        let b = a.vqa_batch;
+        let image = Tensor::randn(0f32, 1.0, (b, 3, a.image_res, a.image_res), &dev)?;
+        let q_len = 12;
+        let q_ids = Tensor::from_vec(
+            (0..b * q_len)
+                .map(|i| if i % q_len == 0 { 101i64 } else { 1000 + (i as i64 * 37) % 20000 })
+                .collect::<Vec<_>>(),
+            (b, q_len),
+            &dev,
+        )?;
+        let q_mask = Tensor::ones((b, q_len), DType::I64, &dev)?;
+        // Answers of 1–3 word pieces + [SEP], padded to the longest (as the real list is).
+        let a_len = 5;
+        let mut ids = Vec::with_capacity(a.vqa_answers * a_len);
+        for n in 0..a.vqa_answers {
+            let words = 1 + n % 3;
+            for t in 0..a_len {
+                ids.push(match t {
+                    0 => 101i64,
+                    t if t <= words => 1000 + ((n * 7 + t * 13) % 25000) as i64,
+                    t if t == words + 1 => 102,
+                    _ => 0,
+                });
+            }
+        }
+        let answer_ids = Tensor::from_vec(ids, (a.vqa_answers, a_len), &dev)?;
+        let answer_mask = answer_ids.ne(0i64)?.to_dtype(DType::I64)?;
+        let t_rank = time(1, || {
+            let q = model.question_states(&image, &q_ids, &q_mask)?;
+            model.rank_answers(&q, &q_mask, &answer_ids, &answer_mask, a.vqa_k).map(|_| ()).map_err(Into::into)
+        })?;
+        let t_enc = time(1, || model.question_states(&image, &q_ids, &q_mask).map(|_| ()).map_err(Into::into))?;
+        println!(
+            "VQA answer ranking ({} answers, k_test {}), batch {b} @{} px: {:.2} questions/s  (baseline: the question encoder alone, image included, {:.2} questions/s; ratio {:.2}x)",
+            a.vqa_answers,
+            a.vqa_k,
+            a.image_res,
+            b as f64 / t_rank,
+            b as f64 / t_enc,
+            t_rank / t_enc
+        );
     }
     Ok(())
 }

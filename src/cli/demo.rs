@@ -18,6 +18,9 @@ pub struct DemoArgs {
     /// Synthetic training images (two captions each).
     #[arg(long, default_value_t = 2000)]
     train_images: usize,
+    /// Epochs of the VQA part (0 skips it).
+    #[arg(long, default_value_t = 4)]
+    vqa_epochs: usize,
     /// Validation and test images each.
     #[arg(long, default_value_t = 100)]
     test_images: usize,
@@ -32,10 +35,14 @@ pub fn run_cli(a: DemoArgs) -> Result<()> {
         epochs: a.epochs,
         max_shapes: 2,
         batch_size: 32,
+        vqa_epochs: a.vqa_epochs,
         workers: None,
     };
     let s = run(&opts)?;
     println!("\n{}", metrics_table(&[("val (best epoch)", &s.val), ("test", &s.test)]));
+    if let Some(v) = &s.vqa {
+        println!("VQA accuracy (test): {:.2}% on {} questions", v["vqa_acc"], v["questions"]);
+    }
     println!("finished in {:.0} s; report: {}", s.seconds, s.report.display());
     Ok(())
 }

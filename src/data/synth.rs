@@ -24,11 +24,11 @@ pub const SIZES: [&str; 2] = ["small", "large"];
 const BACKGROUND: [u8; 3] = [128, 128, 128];
 
 /// Every word the grammar can produce (the vocabulary after the special tokens).
-pub const WORDS: [&str; 43] = [
+pub const WORDS: [&str; 46] = [
     "a", "an", "the", "and", "of", "to", "is", "there", "are", "in", "on", "image", "picture", "left", "right",
     "above", "below", "small", "large", "circle", "square", "triangle", "red", "green", "blue", "yellow", "purple",
     "orange", "white", "black", "one", "two", "three", "shape", "shapes", "with", "contains", "what", "color", "how",
-    "many", "yes", "no",
+    "many", "yes", "no", "1", "2", "3",
 ];
 
 /// Ids 0..103 as in bert-base-uncased: [PAD] 0, [unused*], [UNK] 100, [CLS] 101, [SEP] 102,
@@ -205,11 +205,13 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
 /// Answers the synthetic VQA questions can have (`answer_list.json`).
 pub fn answer_list() -> Vec<String> {
     let mut a: Vec<String> = COLORS.iter().map(|c| c.0.to_string()).collect();
-    a.extend(["one", "two", "three", "yes", "no"].map(String::from));
+    // Counts as digits, as VQA v2 annotators write them (the official evaluation maps number
+    // words in predictions to digits, not in the ground truth).
+    a.extend(["1", "2", "3", "yes", "no"].map(String::from));
     a
 }
 
-const NUMBERS: [&str; 4] = ["zero", "one", "two", "three"];
+const NUMBERS: [&str; 4] = ["0", "1", "2", "3"];
 
 /// VQA, NLVR2 and SNLI-VE files over the same scenes:
 /// `vqa_{split}.json` (+ `answer_list.json`), `nlvr_{split}.json`, `ve_{split}.json` (+ JPEG

@@ -24,6 +24,8 @@ pub struct DemoOptions {
     /// Shapes per image, at most (1–3); more makes captions longer and retrieval harder.
     pub max_shapes: usize,
     pub batch_size: usize,
+    /// Epochs of the VQA part (0 skips it).
+    pub vqa_epochs: usize,
     pub workers: Option<usize>,
 }
 
@@ -37,6 +39,7 @@ impl Default for DemoOptions {
             epochs: 10,
             max_shapes: 2,
             batch_size: 32,
+            vqa_epochs: 4,
             workers: None,
         }
     }
@@ -45,6 +48,8 @@ impl Default for DemoOptions {
 /// What the demo measured.
 #[derive(Clone, Debug)]
 pub struct DemoSummary {
+    /// VQA accuracy on the synthetic test questions, when the VQA part ran.
+    pub vqa: Option<Metrics>,
     pub test: Metrics,
     pub val: Metrics,
     pub seconds: f64,
@@ -82,6 +87,20 @@ schedular: {{sched: cosine, lr: 1e-3, epochs: {epochs}, min_lr: 1e-5, decay_rate
 # albef extensions: the image encoder's size; a larger random-init std (a model this small\n\
 # barely tells its inputs apart at the reference's 0.02); no flips or crops (captions say \"left of\").\n\
 vision: {{patch_size: 8, embed_dim: 64, depth: 3, num_heads: 4, mlp_ratio: 2}}\ninit_std: 0.1\ntrain_transform: resize\n"
+    )
+}
+
+fn vqa_config(data: &Path, out: &Path, epochs: usize, batch: usize) -> String {
+    let (d, o) = (data.display(), out.display());
+    format!(
+        "# albef demo: VQA on synthetic shapes (colour, count and yes/no questions).\n\
+train_file: ['{d}/vqa_train.json']\ntest_file: ['{d}/vqa_test.json']\nanswer_list: '{d}/answer_list.json'\n\
+vqa_root: '{d}/'\nvg_root: '{d}/'\nbert_config: '{o}/config_bert.json'\n\n\
+image_res: 32\nbatch_size_train: {batch}\nbatch_size_test: 64\nk_test: 8\n\n\
+alpha: 0.4\ndistill: True\nwarm_up: True\neos: '[SEP]'\nmomentum: 0.99\n\n\
+optimizer: {{opt: adamW, lr: 1e-3, weight_decay: 0.02}}\n\
+schedular: {{sched: cosine, lr: 1e-3, epochs: {epochs}, min_lr: 1e-5, decay_rate: 1, warmup_lr: 1e-3, warmup_epochs: 1, cooldown_epochs: 0}}\n\n\
+vision: {{patch_size: 8, embed_dim: 64, depth: 3, num_heads: 4, mlp_ratio: 2}}\ninit_std: 0.1\ndecoder_layers: 2\n"
     )
 }
 
@@ -144,9 +163,32 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     })?;
     let parse = |v: &Value| -> Result<Metrics> { Ok(serde_json::from_value(v.clone())?) };
     let (val, test) = (parse(&metrics["val"])?, parse(&metrics["test"])?);
+    // VQA, from random weights too, in its own folder.
+    let vqa = if opts.vqa_epochs > 0 {
+        let vqa_out = out.join("vqa");
+        std::fs::create_dir_all(&vqa_out)?;
+        let _ = std::fs::remove_file(vqa_out.join("log.txt"));
+        let vqa_config_path = vqa_out.join("demo_vqa_config.yaml");
+        write_atomic(&vqa_config_path, vqa_config(&data, &out, opts.vqa_epochs, opts.batch_size).as_bytes())?;
+        let m = crate::tasks::vqa::run(&crate::tasks::vqa::VqaOptions {
+            config: vqa_config_path,
+            output_dir: vqa_out,
+            text_encoder: data.join("vocab.txt"),
+            checkpoint: None,
+            evaluate: false,
+            resume: false,
+            seed: opts.seed,
+            device: Device::Cpu,
+            workers: opts.workers,
+            stop_after_epoch: None,
+        })?;
+        Some(parse(&m["test"])?)
+    } else {
+        None
+    };
     let seconds = start.elapsed().as_secs_f64();
-    let report = write_report(&out, &data, &config_text, &val, &test, seconds)?;
-    Ok(DemoSummary { test, val, seconds, report })
+    let report = write_report(&out, &data, &config_text, &val, &test, vqa.as_ref(), seconds)?;
+    Ok(DemoSummary { vqa, test, val, seconds, report })
 }
 
 fn write_report(
@@ -155,6 +197,7 @@ fn write_report(
     config_text: &str,
     val: &Metrics,
     test: &Metrics,
+    vqa: Option<&Metrics>,
     seconds: f64,
 ) -> Result<PathBuf> {
     // Curves: mean training loss (ITC + ITM) and val r_mean per epoch.
@@ -205,11 +248,22 @@ fn write_report(
         examples.push('\n');
     }
     let table = metrics_table(&[("val (best epoch)", val), ("test", test)]);
+    let vqa_section = match vqa {
+        Some(m) => format!(
+            "## VQA\n\nThe same small model as a VQA model (a 2-layer answer decoder), trained from random weights on \
+colour, count and yes/no questions about the same images, answers ranked over the {}-answer list: VQA accuracy \
+**{:.2}%** on {} test questions (`vqa/vqa_result.json`).\n\n",
+            crate::data::synth::answer_list().len(),
+            m["vqa_acc"],
+            m["questions"]
+        ),
+        None => String::new(),
+    };
     let report = format!(
         "# albef demo\n\nA small ALBEF (ViT 64-wide, 3 blocks, patch 8 at 32 px; BERT 64-wide, 2 text + 2 fusion layers) trained \
 from random weights for image-text retrieval on synthetic shapes, with ITC + ITM and momentum distillation, on the CPU, in \
 {seconds:.0} s.\n\n## Results (R@K in %, 100 test images, {} captions)\n\n{table}\nChance R@1 is 1% image-to-text and 1% text-to-image.\n\n\
-## Training curves\n\n![curves](curves.png)\n\nRed: mean training loss (ITC + ITM) per epoch, scaled to its maximum; blue: val r_mean (0–100).\n\n\
+{vqa_section}## Training curves\n\n![curves](curves.png)\n\nRed: mean training loss (ITC + ITM) per epoch, scaled to its maximum; blue: val r_mean (0–100).\n\n\
 ## Examples: top-3 retrieved captions (✓ = a caption of this image)\n\n{examples}## Config\n\n```yaml\n{config_text}```\n",
         texts.len()
     );
