@@ -15,6 +15,7 @@ fn short_demo_learns_and_writes_its_report() {
         epochs: 8,
         max_shapes: 2,
         batch_size: 16,
+        vqa_epochs: 1,
         workers: Some(2),
     };
     let s = run(&opts).unwrap();
