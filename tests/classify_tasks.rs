@@ -155,6 +155,7 @@ fn text_assignment_pretraining_feeds_nlvr() {
         .collect();
     assert_eq!(losses.len(), 3);
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    assert!(losses[2] < losses[0], "text-assignment loss {losses:?}");
     // NLVR2 fine-tuning starts from the TA checkpoint (the reference's teacher quirk by default).
     let mut nlvr = options(&dir, Task::Nlvr, config(&dir, Task::Nlvr, 1), "nlvr_from_ta");
     nlvr.checkpoint = Some(out.join("checkpoint_last.safetensors"));
