@@ -42,6 +42,16 @@ impl LoaderConfig {
     }
 }
 
+impl LoaderConfig {
+    /// Overrides the worker count when given (`--workers`).
+    pub fn workers(mut self, workers: Option<usize>) -> Self {
+        if let Some(w) = workers {
+            self.workers = w;
+        }
+        self
+    }
+}
+
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8)
 }

@@ -39,11 +39,6 @@ pub struct ClassifyOptions {
     pub teacher_from_checkpoint: bool,
 }
 
-#[derive(serde::Deserialize)]
-struct OptimizerConfig {
-    weight_decay: f64,
-}
-
 fn kind_and_format(task: Task) -> Result<(ClassifierKind, Format)> {
     match task {
         Task::Ve => Ok((ClassifierKind::VisualEntailment, Format::SnliVe)),
@@ -81,10 +76,7 @@ pub fn evaluate(
 ) -> Result<(Metrics, Vec<i64>)> {
     let dev = model.store.device().clone();
     let res = model.cfg.vision.image_res;
-    let mut cfg = LoaderConfig::eval(batch_size);
-    if let Some(w) = workers {
-        cfg.workers = w;
-    }
+    let cfg = LoaderConfig::eval(batch_size).workers(workers);
     let loader = Loader::new(split.clone(), cfg);
     let progress = Progress::new(&format!("Evaluation ({name})"), loader.num_batches(0));
     let (mut preds, mut correct) = (Vec::with_capacity(split.len()), 0usize);
@@ -192,11 +184,8 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
         warm_up: cfg.bool_or("warm_up", true)?,
         seed: opts.seed,
     };
-    let mut optimizer = AdamW::new(&model.store, cfg.block::<OptimizerConfig>("optimizer")?.weight_decay)?;
-    let mut loader_cfg = LoaderConfig::train(cfg.usize(train_bs_key)?, opts.seed);
-    if let Some(w) = opts.workers {
-        loader_cfg.workers = w;
-    }
+    let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
+    let loader_cfg = LoaderConfig::train(cfg.usize(train_bs_key)?, opts.seed).workers(opts.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
     let state =
         if opts.resume { run_dir.resume(&model.store, &mut optimizer, &opts.device)? } else { TrainState::default() };

@@ -32,11 +32,6 @@ pub struct NlvrPretrainOptions {
     pub stop_after_epoch: Option<usize>,
 }
 
-#[derive(serde::Deserialize)]
-struct OptimizerConfig {
-    weight_decay: f64,
-}
-
 pub fn run(opts: &NlvrPretrainOptions) -> Result<serde_json::Value> {
     let cfg = TaskConfig::from_yaml_file(&opts.config)?;
     cfg.require(&opts.config, &["train_file", "image_res", "batch_size", "optimizer", "schedular"])?;
@@ -61,11 +56,8 @@ pub fn run(opts: &NlvrPretrainOptions) -> Result<serde_json::Value> {
     let schedule: ScheduleConfig = cfg.block("schedular")?;
     // The TA loss has no distillation; α is unused.
     let loop_cfg = LoopConfig { schedule: schedule.clone(), alpha: 0.0, warm_up: false, seed: opts.seed };
-    let mut optimizer = AdamW::new(&model.store, cfg.block::<OptimizerConfig>("optimizer")?.weight_decay)?;
-    let mut loader_cfg = LoaderConfig::train(cfg.usize("batch_size")?, opts.seed);
-    if let Some(w) = opts.workers {
-        loader_cfg.workers = w;
-    }
+    let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
+    let loader_cfg = LoaderConfig::train(cfg.usize("batch_size")?, opts.seed).workers(opts.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
     let state =
         if opts.resume { run_dir.resume(&model.store, &mut optimizer, &opts.device)? } else { TrainState::default() };

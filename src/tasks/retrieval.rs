@@ -17,7 +17,6 @@ use crate::train::schedule::ScheduleConfig;
 use crate::train::{train_epoch, LoopConfig, Progress};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use serde::Deserialize;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,14 +37,6 @@ pub struct RetrievalOptions {
     pub workers: Option<usize>,
     /// Stop after this many completed epochs (the run can be continued with `resume`).
     pub stop_after_epoch: Option<usize>,
-}
-
-#[derive(Deserialize)]
-struct OptimizerConfig {
-    #[allow(dead_code)]
-    opt: Option<String>,
-    lr: f64,
-    weight_decay: f64,
 }
 
 const TEXT_MAX_WORDS: usize = 30;
@@ -78,10 +69,7 @@ pub fn evaluate_split(
         text_masks.push(mask);
         text_embeds.push(embeds);
     }
-    let mut cfg = LoaderConfig::eval(batch_size);
-    if let Some(w) = workers {
-        cfg.workers = w;
-    }
+    let cfg = LoaderConfig::eval(batch_size).workers(workers);
     let loader = Loader::new(split.clone(), cfg);
     let progress = Progress::new(&format!("Evaluation ({name}) images"), loader.num_batches(0));
     let (mut image_feats, mut image_embeds) = (Vec::new(), Vec::new());
@@ -194,7 +182,6 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
     }
 
     let train = train.expect("built when training");
-    let opt_cfg: OptimizerConfig = cfg.block("optimizer")?;
     let schedule: ScheduleConfig = cfg.block("schedular")?;
     let loop_cfg = LoopConfig {
         schedule: schedule.clone(),
@@ -202,12 +189,8 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
         warm_up: cfg.bool_or("warm_up", true)?,
         seed: opts.seed,
     };
-    let mut optimizer = AdamW::new(&model.store, opt_cfg.weight_decay)?;
-    let _ = opt_cfg.lr; // the schedule's `lr` drives the rate, as in the reference
-    let mut loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed);
-    if let Some(w) = opts.workers {
-        loader_cfg.workers = w;
-    }
+    let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
+    let loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed).workers(opts.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
     let state =
         if opts.resume { run_dir.resume(&model.store, &mut optimizer, &opts.device)? } else { TrainState::default() };

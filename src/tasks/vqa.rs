@@ -37,11 +37,6 @@ pub struct VqaOptions {
     pub stop_after_epoch: Option<usize>,
 }
 
-#[derive(serde::Deserialize)]
-struct OptimizerConfig {
-    weight_decay: f64,
-}
-
 fn stack(batch: &[VqaSample], res: usize, dev: &Device) -> Result<Tensor> {
     let flat: Vec<f32> = batch.iter().flat_map(|s| s.pixels.iter().copied()).collect();
     Ok(Tensor::from_vec(flat, (batch.len(), 3, res, res), dev)?)
@@ -65,10 +60,7 @@ pub fn evaluate(
     let with_eos: Vec<String> = answer_list.iter().map(|a| format!("{a}{eos}")).collect();
     let (answer_ids, answer_mask) =
         tokenizer.encode_batch(&with_eos, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
-    let mut cfg = LoaderConfig::eval(batch_size);
-    if let Some(w) = workers {
-        cfg.workers = w;
-    }
+    let cfg = LoaderConfig::eval(batch_size).workers(workers);
     let loader = Loader::new(split.clone(), cfg);
     let progress = Progress::new("Generate VQA test result", loader.num_batches(0));
     let (mut results, mut acc_sum, mut scored) = (Vec::new(), 0.0, 0usize);
@@ -147,11 +139,8 @@ pub fn run(opts: &VqaOptions) -> Result<serde_json::Value> {
             warm_up: cfg.bool_or("warm_up", true)?,
             seed: opts.seed,
         };
-        let mut optimizer = AdamW::new(&model.store, cfg.block::<OptimizerConfig>("optimizer")?.weight_decay)?;
-        let mut loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed);
-        if let Some(w) = opts.workers {
-            loader_cfg.workers = w;
-        }
+        let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
+        let loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed).workers(opts.workers);
         let loader = Loader::new(train.clone(), loader_cfg);
         let state = if opts.resume {
             run_dir.resume(&model.store, &mut optimizer, &opts.device)?
