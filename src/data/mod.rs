@@ -2,6 +2,7 @@
 
 pub mod annotations;
 pub mod augment;
+pub mod check;
 pub mod classify;
 pub mod loader;
 pub mod pretrain;

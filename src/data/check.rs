@@ -1,0 +1,135 @@
+//! `albef data check --config C`: before a long run, read every annotation file a task config
+//! names with the task's own readers, and open and decode every image they reference (in
+//! parallel), reporting what is missing or broken.
+
+use super::classify::{ClassifyDataset, Format};
+use super::pretrain::PretrainDataset;
+use super::retrieval::{ImageRef, RetrievalEval, RetrievalTrain};
+use super::transform::RgbImage;
+use super::vqa::{read_answer_list, VqaDataset};
+use crate::config::TaskConfig;
+use crate::train::Progress;
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// What a check found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// (annotation file, entries read)
+    pub files: Vec<(PathBuf, usize)>,
+    pub images: usize,
+    pub missing: Vec<String>,
+    pub broken: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.missing.is_empty() && self.broken.is_empty()
+    }
+}
+
+/// The task a config is for, from its keys (the reference's configs differ in them).
+fn task_kind(cfg: &TaskConfig) -> &'static str {
+    let has = |k: &str| cfg.extra.contains_key(k);
+    if has("answer_list") {
+        "vqa"
+    } else if cfg.k_test.is_some() && has("val_file") {
+        "retrieval"
+    } else if has("batch_size") && has("val_file") {
+        "nlvr"
+    } else if has("val_file") {
+        "ve"
+    } else {
+        "pretrain"
+    }
+}
+
+fn files(cfg: &TaskConfig, key: &str) -> Result<Vec<PathBuf>> {
+    if !cfg.extra.contains_key(key) {
+        return Ok(Vec::new());
+    }
+    cfg.strings(key)?.iter().map(|p| cfg.resolve(p)).collect()
+}
+
+/// Reads the config's annotation files (errors in them stop the check, naming file and entry)
+/// and checks every image.
+pub fn check_config(path: &Path) -> Result<CheckReport> {
+    let cfg = TaskConfig::from_yaml_file(path)?;
+    let res = cfg.image_res.unwrap_or(384);
+    let mut report = CheckReport::default();
+    let mut images: Vec<ImageRef> = Vec::new();
+    let kind = task_kind(&cfg);
+    let root = || -> Result<PathBuf> { Ok(PathBuf::from(cfg.str("image_root")?)) };
+    for key in ["train_file", "val_file", "test_file"] {
+        for file in files(&cfg, key)? {
+            let found: Vec<ImageRef> = match (kind, key) {
+                ("retrieval", "train_file") => {
+                    RetrievalTrain::new(std::slice::from_ref(&file), &root()?, res, 30)?.images().cloned().collect()
+                }
+                ("retrieval", _) => RetrievalEval::new(&file, &root()?, res, 30)?.images,
+                ("vqa", _) => {
+                    let vqa_root = PathBuf::from(cfg.str("vqa_root")?);
+                    let vg_root = cfg.str("vg_root").map(PathBuf::from).unwrap_or_else(|_| vqa_root.clone());
+                    let one = std::slice::from_ref(&file);
+                    let d = if key == "train_file" {
+                        VqaDataset::train(one, &vqa_root, &vg_root, res, "")?
+                    } else {
+                        VqaDataset::test(one, &vqa_root, &vg_root, res)?
+                    };
+                    d.images().cloned().collect()
+                }
+                ("nlvr", _) | ("ve", _) => {
+                    let format = if kind == "nlvr" { Format::Nlvr2 } else { Format::SnliVe };
+                    ClassifyDataset::new(std::slice::from_ref(&file), &root()?, format, res, false)?
+                        .images()
+                        .cloned()
+                        .collect()
+                }
+                _ => {
+                    let r = cfg.str("image_root").ok().map(PathBuf::from);
+                    PretrainDataset::new(std::slice::from_ref(&file), r.as_deref(), res)?.images().cloned().collect()
+                }
+            };
+            report.files.push((file, found.len()));
+            images.extend(found);
+        }
+    }
+    if kind == "vqa" {
+        let list = cfg.resolve(&cfg.str("answer_list")?)?;
+        let n = read_answer_list(&list)?.len();
+        report.files.push((list, n));
+    }
+    if report.files.is_empty() {
+        bail!("{} names no annotation files (train_file, val_file, test_file)", path.display());
+    }
+    // Each distinct image once.
+    let mut seen = BTreeSet::new();
+    images.retain(|im| seen.insert(im.path.clone()));
+    report.images = images.len();
+    let progress = Progress::new("Checking images", images.len());
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let problems: Vec<(bool, String)> = images
+        .par_iter()
+        .filter_map(|im| {
+            let i = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            progress.step(i, String::new);
+            if !im.path.is_file() {
+                return Some((true, format!("{} ({})", im.path.display(), im.origin)));
+            }
+            RgbImage::open(&im.path).err().map(|e| (false, format!("{} ({}): {e:#}", im.path.display(), im.origin)))
+        })
+        .collect();
+    progress.finish();
+    for (missing, what) in problems {
+        if missing {
+            report.missing.push(what);
+        } else {
+            report.broken.push(what);
+        }
+    }
+    report.missing.sort();
+    report.broken.sort();
+    Ok(report)
+}
