@@ -9,9 +9,125 @@ use std::path::PathBuf;
 pub enum DataCommand {
     /// Generate the synthetic shapes dataset (no download needed).
     Synth(SynthArgs),
+    /// Convert official dataset files into the layout the tasks read.
+    #[command(subcommand)]
+    Prepare(PrepareCommand),
     /// Check the annotation files and images a task config names (exit status 1 when anything
     /// a run needs is missing or broken).
     Check(CheckArgs),
+}
+
+#[derive(Subcommand)]
+pub enum PrepareCommand {
+    /// Flickr30K from Karpathy's dataset_flickr30k.json → train/val/test.json.
+    Flickr30k(KarpathyArgs),
+    /// COCO 2014 from Karpathy's dataset_coco.json → annotations/retrieval_*.json.
+    Coco(KarpathyArgs),
+    /// VQA v2 official questions/annotations → vqa_{train,val,test}.json + answer_list.json.
+    Vqa(VqaPrepareArgs),
+    /// NLVR2 official JSON-lines → train/val/test.json.
+    Nlvr2(SplitsArgs),
+    /// SNLI-VE official JSON-lines → ve_{train,dev,test}.json.
+    #[command(name = "snli-ve")]
+    SnliVe(SplitsArgs),
+}
+
+#[derive(Args)]
+pub struct KarpathyArgs {
+    /// dataset_flickr30k.json / dataset_coco.json
+    #[arg(long)]
+    karpathy: PathBuf,
+    /// Dataset folder (data/flickr30k, data/coco).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace existing outputs.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+pub struct VqaPrepareArgs {
+    #[arg(long = "questions-train")]
+    questions_train: Option<PathBuf>,
+    #[arg(long = "annotations-train")]
+    annotations_train: Option<PathBuf>,
+    #[arg(long = "questions-val")]
+    questions_val: Option<PathBuf>,
+    #[arg(long = "annotations-val")]
+    annotations_val: Option<PathBuf>,
+    #[arg(long = "questions-test")]
+    questions_test: Option<PathBuf>,
+    /// Size of answer_list.json (most frequent answers of the annotated splits).
+    #[arg(long, default_value_t = 3128)]
+    answers: usize,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+pub struct SplitsArgs {
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// The dev split (written as val.json for NLVR2, ve_dev.json for SNLI-VE).
+    #[arg(long)]
+    dev: Option<PathBuf>,
+    #[arg(long)]
+    test: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
+}
+
+fn report(written: albef::data::prepare::Written) -> Result<()> {
+    for (file, n) in written {
+        println!("{n:>9} entries  {}", file.display());
+    }
+    Ok(())
+}
+
+fn prepare(cmd: PrepareCommand) -> Result<()> {
+    use albef::data::prepare as p;
+    match cmd {
+        PrepareCommand::Flickr30k(a) => report(p::flickr30k(&a.karpathy, &a.out, a.force)?),
+        PrepareCommand::Coco(a) => report(p::coco(&a.karpathy, &a.out, a.force)?),
+        PrepareCommand::Vqa(a) => {
+            let mut splits = Vec::new();
+            if let Some(q) = a.questions_train {
+                splits.push(("train".to_string(), q, a.annotations_train));
+            }
+            if let Some(q) = a.questions_val {
+                splits.push(("val".to_string(), q, a.annotations_val));
+            }
+            if let Some(q) = a.questions_test {
+                splits.push(("test".to_string(), q, None));
+            }
+            if splits.is_empty() {
+                anyhow::bail!("give at least one of --questions-train, --questions-val, --questions-test");
+            }
+            report(p::vqa(&splits, &a.out, a.answers, a.force)?)
+        }
+        PrepareCommand::Nlvr2(a) => report(p::nlvr2(&splits(a.train, a.dev, a.test, "val")?, &a.out, a.force)?),
+        PrepareCommand::SnliVe(a) => report(p::snli_ve(&splits(a.train, a.dev, a.test, "dev")?, &a.out, a.force)?),
+    }
+}
+
+fn splits(
+    train: Option<PathBuf>,
+    dev: Option<PathBuf>,
+    test: Option<PathBuf>,
+    dev_name: &str,
+) -> Result<Vec<(String, PathBuf)>> {
+    let out: Vec<(String, PathBuf)> = [("train", train), (dev_name, dev), ("test", test)]
+        .into_iter()
+        .filter_map(|(n, f)| f.map(|f| (n.to_string(), f)))
+        .collect();
+    if out.is_empty() {
+        anyhow::bail!("give at least one of --train, --dev, --test");
+    }
+    Ok(out)
 }
 
 #[derive(Args)]
@@ -62,6 +178,7 @@ fn check(a: CheckArgs) -> Result<()> {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Check(a) => check(a),
+        DataCommand::Prepare(c) => prepare(c),
         DataCommand::Synth(a) => {
             let cfg = SynthConfig {
                 seed: a.seed,

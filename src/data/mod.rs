@@ -5,6 +5,7 @@ pub mod augment;
 pub mod check;
 pub mod classify;
 pub mod loader;
+pub mod prepare;
 pub mod pretrain;
 pub mod retrieval;
 pub mod synth;

@@ -1,0 +1,200 @@
+//! `albef data prepare`: small inputs in each official format, converted and checked field by
+//! field; malformed inputs name the file and record; outputs are not overwritten unless forced.
+
+use albef::data::prepare::{coco, flickr30k, nlvr2, snli_ve, vqa};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("albef-prepare-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn load(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn karpathy_doc(coco_style: bool) -> Value {
+    let img = |split: &str, name: &str, id: i64, caps: &[&str]| {
+        let mut v = json!({"filename": name, "split": split, "imgid": id,
+                           "sentences": caps.iter().map(|c| json!({"raw": c, "tokens": []})).collect::<Vec<_>>()});
+        if coco_style {
+            v["filepath"] = json!(if split == "train" { "train2014" } else { "val2014" });
+            v["cocoid"] = json!(1000 + id);
+        }
+        v
+    };
+    json!({"dataset": "x", "images": [
+        img("train", "a.jpg", 0, &["A dog.", "A brown dog runs."]),
+        img("restval", "b.jpg", 1, &["A cat."]),
+        img("val", "c.jpg", 2, &["Two birds.", "Birds fly."]),
+        img("test", "d.jpg", 3, &["A car."]),
+    ]})
+}
+
+#[test]
+fn flickr30k_and_coco_from_karpathy() {
+    let d = tmp("karpathy");
+    std::fs::write(d.join("dataset_flickr30k.json"), karpathy_doc(false).to_string()).unwrap();
+    let out = d.join("flickr30k");
+    let w = flickr30k(&d.join("dataset_flickr30k.json"), &out, false).unwrap();
+    assert_eq!(w.iter().map(|x| x.1).collect::<Vec<_>>(), [3, 1, 1]);
+    let train = load(&out.join("train.json"));
+    assert_eq!(train[0], json!({"image": "images/a.jpg", "caption": "A dog.", "image_id": 0}));
+    assert_eq!(train[2], json!({"image": "images/b.jpg", "caption": "A cat.", "image_id": 1}));
+    assert_eq!(
+        load(&out.join("val.json")),
+        json!([{"image": "images/c.jpg", "caption": ["Two birds.", "Birds fly."]}])
+    );
+    assert_eq!(load(&out.join("test.json")), json!([{"image": "images/d.jpg", "caption": ["A car."]}]));
+    // Existing outputs are kept unless forced.
+    let e = flickr30k(&d.join("dataset_flickr30k.json"), &out, false).unwrap_err().to_string();
+    assert!(e.contains("refusing to overwrite") && e.contains("train.json"), "{e}");
+    flickr30k(&d.join("dataset_flickr30k.json"), &out, true).unwrap();
+
+    std::fs::write(d.join("dataset_coco.json"), karpathy_doc(true).to_string()).unwrap();
+    let out = d.join("coco");
+    coco(&d.join("dataset_coco.json"), &out, false).unwrap();
+    let train = load(&out.join("annotations/retrieval_train.json"));
+    assert_eq!(train[0], json!({"image": "train2014/a.jpg", "caption": "A dog.", "image_id": 1000}));
+    let test = load(&out.join("annotations/retrieval_test.json"));
+    assert_eq!(test, json!([{"image": "val2014/d.jpg", "caption": ["A car."]}]));
+
+    // Malformed: a sentence without 'raw'.
+    let mut bad = karpathy_doc(false);
+    bad["images"][2]["sentences"][1] = json!({"tokens": []});
+    std::fs::write(d.join("bad.json"), bad.to_string()).unwrap();
+    let e = format!("{:#}", flickr30k(&d.join("bad.json"), &d.join("o"), false).unwrap_err());
+    assert!(e.contains("bad.json") && e.contains("image 2") && e.contains("'raw'"), "{e}");
+    std::fs::write(d.join("trunc.json"), &karpathy_doc(false).to_string()[..40]).unwrap();
+    let e = format!("{:#}", flickr30k(&d.join("trunc.json"), &d.join("o"), false).unwrap_err());
+    assert!(e.contains("trunc.json") && e.contains("not valid JSON"), "{e}");
+}
+
+#[test]
+fn vqa_joins_questions_answers_and_images() {
+    let d = tmp("vqa");
+    let answers = |a: &str, b: &str| {
+        (0..10).map(|i| json!({"answer": if i < 7 { a } else { b }, "answer_id": i + 1})).collect::<Vec<_>>()
+    };
+    std::fs::write(
+        d.join("q_train.json"),
+        json!({"questions": [
+        {"image_id": 9, "question": "What color?", "question_id": 90},
+        {"image_id": 12, "question": "How many?", "question_id": 120}]})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("a_train.json"),
+        json!({"annotations": [
+        {"question_id": 90, "image_id": 9, "multiple_choice_answer": "red", "answers": answers("red", "pink")},
+        {"question_id": 120, "image_id": 12, "multiple_choice_answer": "2", "answers": answers("2", "3")}]})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("q_val.json"),
+        json!({"questions": [{"image_id": 5, "question": "Is it?", "question_id": 50}]}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("a_val.json"),
+        json!({"annotations": [
+        {"question_id": 50, "image_id": 5, "multiple_choice_answer": "red", "answers": answers("red", "no")}]})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("q_test.json"),
+        json!({"questions": [{"image_id": 7, "question": "Why?", "question_id": 70}]}).to_string(),
+    )
+    .unwrap();
+    let out = d.join("vqa");
+    let splits = vec![
+        ("train".to_string(), d.join("q_train.json"), Some(d.join("a_train.json"))),
+        ("val".to_string(), d.join("q_val.json"), Some(d.join("a_val.json"))),
+        ("test".to_string(), d.join("q_test.json"), None),
+    ];
+    vqa(&splits, &out, 3128, false).unwrap();
+    let train = load(&out.join("vqa_train.json"));
+    assert_eq!(train[0]["image"], "train2014/COCO_train2014_000000000009.jpg");
+    assert_eq!(train[0]["dataset"], "vqa");
+    assert_eq!(train[0]["question"], "What color?");
+    assert_eq!(train[0]["question_id"], 90);
+    assert_eq!(train[0]["answer"].as_array().unwrap().len(), 10);
+    assert_eq!(train[1]["answer"][9], "3");
+    assert_eq!(load(&out.join("vqa_val.json"))[0]["image"], "val2014/COCO_val2014_000000000005.jpg");
+    let test = load(&out.join("vqa_test.json"));
+    assert_eq!(test[0]["image"], "test2015/COCO_test2015_000000000007.jpg");
+    assert!(test[0].get("answer").is_none());
+    // Most frequent first ("red" twice), then ties by name.
+    assert_eq!(load(&out.join("answer_list.json")), json!(["red", "2"]));
+    vqa(&splits, &d.join("vqa1"), 1, false).unwrap();
+    assert_eq!(load(&d.join("vqa1/answer_list.json")), json!(["red"]));
+    // A question without annotation is named.
+    std::fs::write(d.join("a_val.json"), json!({"annotations": []}).to_string()).unwrap();
+    let e = format!("{:#}", vqa(&splits, &d.join("vqa2"), 10, false).unwrap_err());
+    assert!(e.contains("q_val.json") && e.contains("question_id 50"), "{e}");
+}
+
+#[test]
+fn nlvr2_and_snli_ve_from_json_lines() {
+    let d = tmp("jsonl");
+    std::fs::write(
+        d.join("train.json"),
+        concat!(
+            r#"{"identifier": "train-10171-0-0", "directory": 7, "sentence": "Two dogs.", "label": "True"}"#,
+            "\n",
+            r#"{"identifier": "train-10171-0-1", "directory": 7, "sentence": "No dogs.", "label": "False"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("dev.json"), r#"{"identifier": "dev-850-0-2", "sentence": "A bird.", "label": "True"}"#)
+        .unwrap();
+    let out = d.join("nlvr2");
+    nlvr2(&[("train".into(), d.join("train.json")), ("val".into(), d.join("dev.json"))], &out, false).unwrap();
+    assert_eq!(
+        load(&out.join("train.json"))[1],
+        json!({"images": ["train/7/train-10171-0-img0.png", "train/7/train-10171-0-img1.png"], "sentence": "No dogs.", "label": "False"})
+    );
+    assert_eq!(load(&out.join("val.json"))[0]["images"], json!(["dev/dev-850-0-img0.png", "dev/dev-850-0-img1.png"]));
+    std::fs::write(d.join("badlabel.json"), r#"{"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}"#)
+        .unwrap();
+    let e = format!("{:#}", nlvr2(&[("val".into(), d.join("badlabel.json"))], &d.join("o"), false).unwrap_err());
+    assert!(e.contains("badlabel.json") && e.contains("line 1") && e.contains("maybe"), "{e}");
+
+    std::fs::write(d.join("ve_train.jsonl"), concat!(
+        r#"{"Flickr30K_ID": "3416050480", "sentence1": "p", "sentence2": "A man sleeps.", "gold_label": "contradiction"}"#, "\n",
+        r#"{"Flickr30K_ID": 1000092795, "sentence1": "p", "sentence2": "Two men.", "gold_label": "entailment"}"#, "\n",
+        "{\"Flickr30K_ID\": \"1\", \"sentence2\": \n")).unwrap();
+    let e = format!("{:#}", snli_ve(&[("train".into(), d.join("ve_train.jsonl"))], &d.join("ve"), false).unwrap_err());
+    assert!(e.contains("ve_train.jsonl") && e.contains("line 3"), "{e}");
+    let text = std::fs::read_to_string(d.join("ve_train.jsonl")).unwrap();
+    std::fs::write(d.join("ve_train.jsonl"), text.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
+    snli_ve(&[("train".into(), d.join("ve_train.jsonl"))], &d.join("ve"), false).unwrap();
+    assert_eq!(
+        load(&d.join("ve/ve_train.json")),
+        json!([
+        {"image": "3416050480", "sentence": "A man sleeps.", "label": "contradiction"},
+        {"image": "1000092795", "sentence": "Two men.", "label": "entailment"}])
+    );
+}
+
+/// A large file converts completely (its speed is measured with the command, not here).
+#[test]
+fn a_hundred_thousand_captions_convert() {
+    let d = tmp("big");
+    let images: Vec<Value> = (0..20_000)
+        .map(|i| json!({"filename": format!("{i}.jpg"), "split": if i % 10 == 0 { "test" } else { "train" }, "imgid": i,
+                        "sentences": (0..5).map(|k| json!({"raw": format!("caption {k} of image {i}")})).collect::<Vec<_>>()}))
+        .collect();
+    std::fs::write(d.join("k.json"), json!({"images": images}).to_string()).unwrap();
+    let w = flickr30k(&d.join("k.json"), &d.join("out"), false).unwrap();
+    assert_eq!(w[0].1 + w[2].1 * 5, 100_000);
+    assert_eq!(load(&d.join("out/test.json"))[1999]["image"], "images/19990.jpg");
+    let _ = std::fs::remove_dir_all(&d);
+}
