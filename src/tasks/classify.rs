@@ -12,9 +12,9 @@ use crate::model::{ClassifierKind, ClassifierModel};
 use crate::tasks::{default_teacher_init, load_checkpoint, TaskModel, TeacherInit};
 use crate::train::fit::{fit, load_best, prefixed, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
-use crate::train::run::{RunDir, TrainState};
+use crate::train::run::RunDir;
 use crate::train::schedule::ScheduleConfig;
-use crate::train::{train_epoch, LoopConfig, Progress};
+use crate::train::{LoopConfig, Progress};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -187,11 +187,11 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
     let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
     let loader_cfg = LoaderConfig::train(cfg.usize(train_bs_key)?, opts.seed).workers(opts.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
-    let state =
-        if opts.resume { run_dir.resume(&model.store, &mut optimizer, &opts.device)? } else { TrainState::default() };
     let dev = opts.device.clone();
     let fit_cfg = FitConfig {
         run: &run_dir,
+        loop_cfg: &loop_cfg,
+        resume: opts.resume,
         task: &task_name,
         epochs: schedule.epochs,
         stop_after_epoch: opts.stop_after_epoch,
@@ -201,28 +201,14 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
         &fit_cfg,
         &model.store,
         &mut optimizer,
-        state,
-        |epoch, optimizer| {
-            let iters = loader.num_batches(epoch as u64);
-            if iters == 0 {
-                anyhow::bail!("the training set has fewer examples ({}) than one batch", train.len());
-            }
-            train_epoch(
-                &loop_cfg,
-                optimizer,
-                epoch,
-                loader.epoch(epoch as u64, 0),
-                iters,
-                |batch: Vec<ClassifySample>, alpha, _rng| {
-                    let (ids, mask) = batch_text(&tokenizer, &batch, &dev)?;
-                    let targets =
-                        Tensor::from_vec(batch.iter().map(|s| s.label).collect::<Vec<i64>>(), batch.len(), &dev)?;
-                    Ok(vec![(
-                        "loss",
-                        model.forward_train(&batch_images(&batch, res, &dev)?, &ids, &mask, &targets, alpha, true)?,
-                    )])
-                },
-            )
+        &loader,
+        |batch: Vec<ClassifySample>, alpha, _rng| {
+            let (ids, mask) = batch_text(&tokenizer, &batch, &dev)?;
+            let targets = Tensor::from_vec(batch.iter().map(|s| s.label).collect::<Vec<i64>>(), batch.len(), &dev)?;
+            Ok(vec![(
+                "loss",
+                model.forward_train(&batch_images(&batch, res, &dev)?, &ids, &mask, &targets, alpha, true)?,
+            )])
         },
         |_| Ok(Some(evaluate(&model, val.clone(), &tokenizer, batch_test, opts.workers, "val")?.0)),
     )?;

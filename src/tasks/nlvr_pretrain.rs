@@ -3,16 +3,16 @@
 
 use crate::checkpoint::Task;
 use crate::config::TaskConfig;
-use crate::data::loader::{Dataset, Loader, LoaderConfig};
+use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::pretrain::{CaptionSample, PretrainDataset};
 use crate::data::retrieval::check_images_exist;
 use crate::data::{Padding, Tokenizer};
 use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
 use crate::train::fit::{fit, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
-use crate::train::run::{RunDir, TrainState, LAST};
+use crate::train::run::{RunDir, LAST};
 use crate::train::schedule::ScheduleConfig;
-use crate::train::{train_epoch, LoopConfig};
+use crate::train::LoopConfig;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -59,11 +59,11 @@ pub fn run(opts: &NlvrPretrainOptions) -> Result<serde_json::Value> {
     let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
     let loader_cfg = LoaderConfig::train(cfg.usize("batch_size")?, opts.seed).workers(opts.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
-    let state =
-        if opts.resume { run_dir.resume(&model.store, &mut optimizer, &opts.device)? } else { TrainState::default() };
     let dev = opts.device.clone();
     let fit_cfg = FitConfig {
         run: &run_dir,
+        loop_cfg: &loop_cfg,
+        resume: opts.resume,
         task: "nlvr-pretrain",
         epochs: schedule.epochs,
         stop_after_epoch: opts.stop_after_epoch,
@@ -73,28 +73,14 @@ pub fn run(opts: &NlvrPretrainOptions) -> Result<serde_json::Value> {
         &fit_cfg,
         &model.store,
         &mut optimizer,
-        state,
-        |epoch, optimizer| {
-            let iters = loader.num_batches(epoch as u64);
-            if iters == 0 {
-                anyhow::bail!("the training set has fewer pairs ({}) than one batch", train.len());
-            }
-            train_epoch(
-                &loop_cfg,
-                optimizer,
-                epoch,
-                loader.epoch(epoch as u64, 0),
-                iters,
-                |batch: Vec<CaptionSample>, _alpha, rng| {
-                    let flat: Vec<f32> = batch.iter().flat_map(|s| s.pixels.iter().copied()).collect();
-                    let image = Tensor::from_vec(flat, (batch.len(), 3, res, res), &dev)?;
-                    let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
-                    let (ids, mask) = tokenizer
-                        .encode_batch(&captions, Padding::Longest { truncate_to: Some(25) })
-                        .to_tensors(&dev)?;
-                    Ok(vec![("ta", model.forward_train(&image, &ids, &mask, rng, true)?)])
-                },
-            )
+        &loader,
+        |batch: Vec<CaptionSample>, _alpha, rng| {
+            let flat: Vec<f32> = batch.iter().flat_map(|s| s.pixels.iter().copied()).collect();
+            let image = Tensor::from_vec(flat, (batch.len(), 3, res, res), &dev)?;
+            let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
+            let (ids, mask) =
+                tokenizer.encode_batch(&captions, Padding::Longest { truncate_to: Some(25) }).to_tensors(&dev)?;
+            Ok(vec![("ta", model.forward_train(&image, &ids, &mask, rng, true)?)])
         },
         |_| Ok(None),
     )?;

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::Task;
 use crate::config::TaskConfig;
-use crate::data::loader::{Dataset, Loader, LoaderConfig};
+use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::retrieval::{check_images_exist, ImageRef, RetrievalEval, RetrievalTrain, TrainSample};
 use crate::data::{Padding, Tokenizer};
 use crate::eval::retrieval::{itm_eval, score_matrices, Encoded, Metrics, Scores};
@@ -12,9 +12,9 @@ use crate::model::ContrastiveModel;
 use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
 use crate::train::fit::{fit, load_best, prefixed, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
-use crate::train::run::{RunDir, TrainState};
+use crate::train::run::RunDir;
 use crate::train::schedule::ScheduleConfig;
-use crate::train::{train_epoch, LoopConfig, Progress};
+use crate::train::{LoopConfig, Progress};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -192,11 +192,11 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
     let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
     let loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed).workers(opts.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
-    let state =
-        if opts.resume { run_dir.resume(&model.store, &mut optimizer, &opts.device)? } else { TrainState::default() };
     let dev = opts.device.clone();
     let fit_cfg = FitConfig {
         run: &run_dir,
+        loop_cfg: &loop_cfg,
+        resume: opts.resume,
         task: "retrieval",
         epochs: schedule.epochs,
         stop_after_epoch: opts.stop_after_epoch,
@@ -206,30 +206,17 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
         &fit_cfg,
         &model.store,
         &mut optimizer,
-        state,
-        |epoch, optimizer| {
-            let iters = loader.num_batches(epoch as u64);
-            if iters == 0 {
-                anyhow::bail!("the training set has fewer captions ({}) than one batch", train.len());
-            }
-            train_epoch(
-                &loop_cfg,
-                optimizer,
-                epoch,
-                loader.epoch(epoch as u64, 0),
-                iters,
-                |batch: Vec<TrainSample>, alpha, rng| {
-                    let pixels: Vec<Vec<f32>> = batch.iter().map(|s| s.pixels.clone()).collect();
-                    let image = stack_images(&pixels, res, &dev)?;
-                    let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
-                    // `padding='longest', max_length=30` without truncation: max_length has no effect.
-                    let (ids, mask) =
-                        tokenizer.encode_batch(&captions, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
-                    let idx = Tensor::from_vec(batch.iter().map(|s| s.idx).collect::<Vec<i64>>(), batch.len(), &dev)?;
-                    let l = model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
-                    Ok(vec![("ita", l.ita), ("itm", l.itm)])
-                },
-            )
+        &loader,
+        |batch: Vec<TrainSample>, alpha, rng| {
+            let pixels: Vec<Vec<f32>> = batch.iter().map(|s| s.pixels.clone()).collect();
+            let image = stack_images(&pixels, res, &dev)?;
+            let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
+            // `padding='longest', max_length=30` without truncation: max_length has no effect.
+            let (ids, mask) =
+                tokenizer.encode_batch(&captions, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
+            let idx = Tensor::from_vec(batch.iter().map(|s| s.idx).collect::<Vec<i64>>(), batch.len(), &dev)?;
+            let l = model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
+            Ok(vec![("ita", l.ita), ("itm", l.itm)])
         },
         |_| Ok(Some(evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.workers, "val")?.0)),
     )?;

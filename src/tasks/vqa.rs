@@ -4,7 +4,7 @@
 
 use crate::checkpoint::Task;
 use crate::config::TaskConfig;
-use crate::data::loader::{Dataset, Loader, LoaderConfig};
+use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::retrieval::{check_images_exist, ImageRef};
 use crate::data::vqa::{read_answer_list, VqaDataset, VqaSample};
 use crate::data::{Padding, Tokenizer};
@@ -14,9 +14,9 @@ use crate::model::VqaModel;
 use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
 use crate::train::fit::{fit, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
-use crate::train::run::{RunDir, TrainState};
+use crate::train::run::RunDir;
 use crate::train::schedule::ScheduleConfig;
-use crate::train::{train_epoch, LoopConfig, Progress};
+use crate::train::{LoopConfig, Progress};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -142,15 +142,12 @@ pub fn run(opts: &VqaOptions) -> Result<serde_json::Value> {
         let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
         let loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed).workers(opts.workers);
         let loader = Loader::new(train.clone(), loader_cfg);
-        let state = if opts.resume {
-            run_dir.resume(&model.store, &mut optimizer, &opts.device)?
-        } else {
-            TrainState::default()
-        };
         let dev = opts.device.clone();
         // VQA has no validation split: every epoch is checkpointed, the last one is used.
         let fit_cfg = FitConfig {
             run: &run_dir,
+            loop_cfg: &loop_cfg,
+            resume: opts.resume,
             task: "vqa",
             epochs: schedule.epochs,
             stop_after_epoch: opts.stop_after_epoch,
@@ -160,45 +157,29 @@ pub fn run(opts: &VqaOptions) -> Result<serde_json::Value> {
             &fit_cfg,
             &model.store,
             &mut optimizer,
-            state,
-            |epoch, optimizer| {
-                let iters = loader.num_batches(epoch as u64);
-                if iters == 0 {
-                    anyhow::bail!("the training set has fewer questions ({}) than one batch", train.len());
-                }
-                train_epoch(
-                    &loop_cfg,
-                    optimizer,
-                    epoch,
-                    loader.epoch(epoch as u64, 0),
-                    iters,
-                    |batch: Vec<VqaSample>, alpha, _rng| {
-                        let questions: Vec<&str> = batch.iter().map(|s| s.question.as_str()).collect();
-                        let (q_ids, q_mask) = tokenizer
-                            .encode_batch(&questions, Padding::Longest { truncate_to: Some(25) })
-                            .to_tensors(&dev)?;
-                        let answers: Vec<&str> =
-                            batch.iter().flat_map(|s| s.answers.iter().map(String::as_str)).collect();
-                        let (a_ids, a_mask) = tokenizer
-                            .encode_batch(&answers, Padding::Longest { truncate_to: None })
-                            .to_tensors(&dev)?;
-                        let weights: Vec<f32> = batch.iter().flat_map(|s| s.weights.iter().copied()).collect();
-                        let weights = Tensor::from_vec(weights, answers.len(), &dev)?;
-                        let counts: Vec<usize> = batch.iter().map(|s| s.answers.len()).collect();
-                        let loss = model.forward_train(
-                            &stack(&batch, res, &dev)?,
-                            &q_ids,
-                            &q_mask,
-                            &a_ids,
-                            &a_mask,
-                            &weights,
-                            &counts,
-                            alpha,
-                            true,
-                        )?;
-                        Ok(vec![("loss", loss)])
-                    },
-                )
+            &loader,
+            |batch: Vec<VqaSample>, alpha, _rng| {
+                let questions: Vec<&str> = batch.iter().map(|s| s.question.as_str()).collect();
+                let (q_ids, q_mask) =
+                    tokenizer.encode_batch(&questions, Padding::Longest { truncate_to: Some(25) }).to_tensors(&dev)?;
+                let answers: Vec<&str> = batch.iter().flat_map(|s| s.answers.iter().map(String::as_str)).collect();
+                let (a_ids, a_mask) =
+                    tokenizer.encode_batch(&answers, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
+                let weights: Vec<f32> = batch.iter().flat_map(|s| s.weights.iter().copied()).collect();
+                let weights = Tensor::from_vec(weights, answers.len(), &dev)?;
+                let counts: Vec<usize> = batch.iter().map(|s| s.answers.len()).collect();
+                let loss = model.forward_train(
+                    &stack(&batch, res, &dev)?,
+                    &q_ids,
+                    &q_mask,
+                    &a_ids,
+                    &a_mask,
+                    &weights,
+                    &counts,
+                    alpha,
+                    true,
+                )?;
+                Ok(vec![("loss", loss)])
             },
             |_| Ok(None),
         )?;

@@ -3,14 +3,19 @@
 
 use super::optim::AdamW;
 use super::run::{RunDir, TrainState, BEST, LAST};
+use super::{train_epoch, LoopConfig, Losses};
+use crate::data::loader::{Dataset, Loader};
 use crate::eval::retrieval::Metrics;
 use crate::nn::ParamStore;
-use anyhow::Result;
+use anyhow::{bail, Result};
+use rand::rngs::StdRng;
 use serde_json::json;
-use std::collections::BTreeMap;
 
 pub struct FitConfig<'a> {
     pub run: &'a RunDir,
+    pub loop_cfg: &'a LoopConfig,
+    /// Continue from `checkpoint_last` (model, optimizer, epochs done).
+    pub resume: bool,
     /// Tag written into checkpoints (`albef_task`).
     pub task: &'a str,
     pub epochs: usize,
@@ -39,20 +44,29 @@ pub fn print_metrics(split: &str, m: &Metrics) {
     eprintln!("{split}: {}", cells.join("  "));
 }
 
-/// Runs epochs `state.epochs_done..` : `train(epoch, optimizer)` returns the epoch's averaged
-/// statistics, `validate(epoch)` the validation metrics (or `None`).
-pub fn fit(
+/// Trains epoch after epoch on `loader`'s batches: `step(batch, α, rng)` gives a batch's losses
+/// (see [`train_epoch`]); after each epoch `validate(epoch)` gives the validation metrics (or
+/// `None`), then the epoch is logged and checkpointed.
+pub fn fit<D: Dataset>(
     cfg: &FitConfig,
     store: &ParamStore,
     optimizer: &mut AdamW,
-    mut state: TrainState,
-    mut train: impl FnMut(usize, &mut AdamW) -> Result<BTreeMap<String, f64>>,
+    loader: &Loader<D>,
+    mut step: impl FnMut(Vec<D::Item>, f64, &mut StdRng) -> Result<Losses>,
     mut validate: impl FnMut(usize) -> Result<Option<Metrics>>,
 ) -> Result<FitEnd> {
+    let mut state = if cfg.resume { cfg.run.resume(store, optimizer, store.device())? } else { TrainState::default() };
+    if cfg.resume {
+        eprintln!("resuming after {} completed epoch(s)", state.epochs_done);
+    }
     let last_epoch = cfg.stop_after_epoch.map_or(cfg.epochs, |n| n.min(cfg.epochs));
     let mut best_val = None;
     for epoch in state.epochs_done..last_epoch {
-        let stats = train(epoch, optimizer)?;
+        let iters = loader.num_batches(epoch as u64);
+        if iters == 0 {
+            bail!("the training set has fewer examples ({}) than one batch", loader.dataset().len());
+        }
+        let stats = train_epoch(cfg.loop_cfg, optimizer, epoch, loader.epoch(epoch as u64, 0), iters, &mut step)?;
         let val = validate(epoch)?;
         let mut record: serde_json::Map<String, serde_json::Value> =
             stats.iter().map(|(k, v)| (format!("train_{k}"), json!(v))).collect();
