@@ -13,7 +13,6 @@ use crate::tasks::{default_teacher_init, load_checkpoint, TaskModel, TeacherInit
 use crate::train::fit::{fit, load_best, prefixed, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
 use crate::train::run::RunDir;
-use crate::train::schedule::ScheduleConfig;
 use crate::train::{LoopConfig, Progress};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -177,13 +176,7 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
         return finish(&run_dir, val_m, None);
     }
     let train = train.expect("built when training");
-    let schedule: ScheduleConfig = cfg.block("schedular")?;
-    let loop_cfg = LoopConfig {
-        schedule: schedule.clone(),
-        alpha: cfg.alpha.context("alpha")?,
-        warm_up: cfg.bool_or("warm_up", true)?,
-        seed: opts.seed,
-    };
+    let loop_cfg = LoopConfig::from_config(&cfg, opts.seed)?;
     let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
     let loader_cfg = LoaderConfig::train(cfg.usize(train_bs_key)?, opts.seed).workers(opts.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
@@ -193,7 +186,7 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
         loop_cfg: &loop_cfg,
         resume: opts.resume,
         task: &task_name,
-        epochs: schedule.epochs,
+        epochs: loop_cfg.schedule.epochs,
         stop_after_epoch: opts.stop_after_epoch,
         select: Some("acc"),
     };

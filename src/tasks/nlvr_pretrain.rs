@@ -11,7 +11,6 @@ use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
 use crate::train::fit::{fit, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
 use crate::train::run::{RunDir, LAST};
-use crate::train::schedule::ScheduleConfig;
 use crate::train::LoopConfig;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -53,9 +52,8 @@ pub fn run(opts: &NlvrPretrainOptions) -> Result<serde_json::Value> {
     let TaskModel::TextAssign(model) = task_model else { unreachable!("nlvr-pretrain builds the TA model") };
     let run_dir = RunDir::create(&opts.output_dir)?;
     run_dir.write_text("config.yaml", &serde_norway::to_string(&cfg)?)?;
-    let schedule: ScheduleConfig = cfg.block("schedular")?;
-    // The TA loss has no distillation; α is unused.
-    let loop_cfg = LoopConfig { schedule: schedule.clone(), alpha: 0.0, warm_up: false, seed: opts.seed };
+    // The TA loss has no distillation: α is unused.
+    let loop_cfg = LoopConfig::from_config(&cfg, opts.seed)?;
     let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
     let loader_cfg = LoaderConfig::train(cfg.usize("batch_size")?, opts.seed).workers(opts.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
@@ -65,7 +63,7 @@ pub fn run(opts: &NlvrPretrainOptions) -> Result<serde_json::Value> {
         loop_cfg: &loop_cfg,
         resume: opts.resume,
         task: "nlvr-pretrain",
-        epochs: schedule.epochs,
+        epochs: loop_cfg.schedule.epochs,
         stop_after_epoch: opts.stop_after_epoch,
         select: None,
     };

@@ -15,7 +15,6 @@ use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
 use crate::train::fit::{fit, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
 use crate::train::run::RunDir;
-use crate::train::schedule::ScheduleConfig;
 use crate::train::{LoopConfig, Progress};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -132,13 +131,7 @@ pub fn run(opts: &VqaOptions) -> Result<serde_json::Value> {
 
     let mut best_epoch = None;
     if let Some(train) = train {
-        let schedule: ScheduleConfig = cfg.block("schedular")?;
-        let loop_cfg = LoopConfig {
-            schedule: schedule.clone(),
-            alpha: cfg.alpha.context("alpha")?,
-            warm_up: cfg.bool_or("warm_up", true)?,
-            seed: opts.seed,
-        };
+        let loop_cfg = LoopConfig::from_config(&cfg, opts.seed)?;
         let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
         let loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed).workers(opts.workers);
         let loader = Loader::new(train.clone(), loader_cfg);
@@ -149,7 +142,7 @@ pub fn run(opts: &VqaOptions) -> Result<serde_json::Value> {
             loop_cfg: &loop_cfg,
             resume: opts.resume,
             task: "vqa",
-            epochs: schedule.epochs,
+            epochs: loop_cfg.schedule.epochs,
             stop_after_epoch: opts.stop_after_epoch,
             select: None,
         };

@@ -30,6 +30,19 @@ pub struct LoopConfig {
     pub seed: u64,
 }
 
+impl LoopConfig {
+    /// From a task config: `schedular`, `alpha` (0 when the task does not distil) and `warm_up`
+    /// (default on, as every reference config but VE's).
+    pub fn from_config(cfg: &crate::config::TaskConfig, seed: u64) -> anyhow::Result<Self> {
+        Ok(Self {
+            schedule: cfg.block("schedular")?,
+            alpha: cfg.alpha.unwrap_or(0.0),
+            warm_up: cfg.bool_or("warm_up", true)?,
+            seed,
+        })
+    }
+}
+
 /// A progress bar on a terminal; a log line every 50 steps elsewhere (as the reference prints).
 pub struct Progress {
     bar: Option<ProgressBar>,
