@@ -4,7 +4,7 @@
 use albef::checkpoint::Task;
 use albef::data::synth::{generate, vocab_size, SynthConfig};
 use albef::tasks::classify::{run, ClassifyOptions};
-use candle_core::Device;
+use albef::tasks::RunOptions;
 use std::path::{Path, PathBuf};
 
 fn setup(name: &str) -> PathBuf {
@@ -40,20 +40,9 @@ fn config(dir: &Path, task: Task, epochs: usize) -> PathBuf {
 }
 
 fn options(dir: &Path, task: Task, config: PathBuf, out: &str) -> ClassifyOptions {
-    ClassifyOptions {
-        task,
-        config,
-        output_dir: dir.join(out),
-        text_encoder: dir.join("data/vocab.txt"),
-        checkpoint: None,
-        evaluate: false,
-        resume: false,
-        seed: 1,
-        device: Device::Cpu,
-        workers: Some(2),
-        stop_after_epoch: None,
-        teacher_from_checkpoint: false,
-    }
+    let run =
+        RunOptions { seed: 1, workers: Some(2), ..RunOptions::new(config, dir.join(out), dir.join("data/vocab.txt")) };
+    ClassifyOptions { task, run, teacher_from_checkpoint: false }
 }
 
 fn losses(out: &Path) -> Vec<f64> {
@@ -70,12 +59,13 @@ fn train_then_evaluate(task: Task, classes: &[&str]) {
     let cfg = config(&dir, task, 4);
     let opts = options(&dir, task, cfg.clone(), "run");
     let m = run(&opts).unwrap();
-    let l = losses(&opts.output_dir);
+    let l = losses(&opts.run.output_dir);
     assert_eq!(l.len(), 4);
     assert!(l[3] < l[0], "{task:?} training loss {l:?}");
     assert!(m["val"]["acc"].as_f64().is_some() && m["test"]["acc"].as_f64().is_some());
     let preds: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(opts.output_dir.join("predictions_test.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(opts.run.output_dir.join("predictions_test.json")).unwrap())
+            .unwrap();
     assert!(!preds.is_empty());
     for p in &preds {
         assert!(
@@ -84,11 +74,14 @@ fn train_then_evaluate(task: Task, classes: &[&str]) {
     }
     // --evaluate with the trained checkpoint gives the same test accuracy and writes val predictions.
     let mut eval = options(&dir, task, cfg, "eval");
-    eval.evaluate = true;
-    eval.checkpoint = Some(opts.output_dir.join("checkpoint_best.safetensors"));
+    eval.run.evaluate = true;
+    eval.run.checkpoint = Some(opts.run.output_dir.join("checkpoint_best.safetensors"));
     let e = run(&eval).unwrap();
     assert_eq!(e["test"], m["test"]);
-    assert!(eval.output_dir.join("predictions_val.json").is_file() && eval.output_dir.join("metrics.json").is_file());
+    assert!(
+        eval.run.output_dir.join("predictions_val.json").is_file()
+            && eval.run.output_dir.join("metrics.json").is_file()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -112,7 +105,8 @@ fn unknown_label_and_pretraining_checkpoint_are_explained() {
     let e = format!("{:#}", run(&options(&dir, Task::Ve, cfg, "o")).unwrap_err());
     assert!(e.contains("ve_test.json") && e.contains("\"maybe\"") && e.contains("entailment"), "{e}");
     let mut nlvr = options(&dir, Task::Nlvr, config(&dir, Task::Nlvr, 1), "o2");
-    nlvr.checkpoint = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretrain/checkpoint.pth"));
+    nlvr.run.checkpoint =
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretrain/checkpoint.pth"));
     let e = format!("{:#}", run(&nlvr).unwrap_err());
     assert!(e.contains("text-assignment checkpoint"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -120,7 +114,7 @@ fn unknown_label_and_pretraining_checkpoint_are_explained() {
 
 #[test]
 fn text_assignment_pretraining_feeds_nlvr() {
-    use albef::tasks::nlvr_pretrain::{run as pretrain, NlvrPretrainOptions};
+    use albef::tasks::nlvr_pretrain::run as pretrain;
     let dir = setup("ta");
     let d = dir.display();
     let ta_cfg = dir.join("ta.yaml");
@@ -136,16 +130,10 @@ fn text_assignment_pretraining_feeds_nlvr() {
     )
     .unwrap();
     let out = dir.join("ta_out");
-    pretrain(&NlvrPretrainOptions {
-        config: ta_cfg,
-        output_dir: out.clone(),
-        text_encoder: dir.join("data/vocab.txt"),
-        checkpoint: None,
-        resume: false,
+    pretrain(&RunOptions {
         seed: 1,
-        device: Device::Cpu,
         workers: Some(2),
-        stop_after_epoch: None,
+        ..RunOptions::new(ta_cfg, out.clone(), dir.join("data/vocab.txt"))
     })
     .unwrap();
     let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
@@ -158,7 +146,7 @@ fn text_assignment_pretraining_feeds_nlvr() {
     assert!(losses[2] < losses[0], "text-assignment loss {losses:?}");
     // NLVR2 fine-tuning starts from the TA checkpoint (the reference's teacher quirk by default).
     let mut nlvr = options(&dir, Task::Nlvr, config(&dir, Task::Nlvr, 1), "nlvr_from_ta");
-    nlvr.checkpoint = Some(out.join("checkpoint_last.safetensors"));
+    nlvr.run.checkpoint = Some(out.join("checkpoint_last.safetensors"));
     let m = run(&nlvr).unwrap();
     assert!(m["test"]["acc"].as_f64().is_some());
     let _ = std::fs::remove_dir_all(&dir);

@@ -5,6 +5,7 @@
 use albef::checkpoint::read_checkpoint;
 use albef::data::synth::{generate, SynthConfig};
 use albef::tasks::retrieval::{run, RetrievalOptions};
+use albef::tasks::RunOptions;
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
@@ -46,19 +47,12 @@ impl Fixture {
     }
 
     fn options(&self, config: &Path, out: &str) -> RetrievalOptions {
-        RetrievalOptions {
-            config: config.to_path_buf(),
-            output_dir: self.dir.join(out),
-            text_encoder: self.dir.join("data/vocab.txt"),
-            checkpoint: None,
-            evaluate: false,
-            resume: false,
-            save_scores: false,
+        let run = RunOptions {
             seed: 3,
-            device: Device::Cpu,
             workers: Some(2),
-            stop_after_epoch: None,
-        }
+            ..RunOptions::new(config, self.dir.join(out), self.dir.join("data/vocab.txt"))
+        };
+        RetrievalOptions { run, save_scores: false }
     }
 }
 
@@ -72,7 +66,7 @@ fn training_lowers_the_loss_and_writes_its_outputs() {
     let mut opts = f.options(&f.dir.join("config.yaml"), "run");
     opts.save_scores = true;
     let metrics = run(&opts).unwrap();
-    let log = log_lines(&opts.output_dir);
+    let log = log_lines(&opts.run.output_dir);
     let epochs: Vec<&serde_json::Value> = log.iter().filter(|r| r.get("epoch").is_some()).collect();
     assert_eq!(epochs.len(), 3);
     let first = epochs[0]["train_loss_ita"].as_f64().unwrap() + epochs[0]["train_loss_itm"].as_f64().unwrap();
@@ -83,7 +77,7 @@ fn training_lowers_the_loss_and_writes_its_outputs() {
     }
     // metrics.json holds val (best epoch) and test, with the reference's metric names.
     let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(opts.output_dir.join("metrics.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(opts.run.output_dir.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(saved, metrics);
     let names: Vec<&str> = saved["test"].as_object().unwrap().keys().map(|s| s.as_str()).collect();
     assert_eq!(
@@ -92,16 +86,16 @@ fn training_lowers_the_loss_and_writes_its_outputs() {
     );
     for file in ["config.yaml", "checkpoint_best.safetensors", "checkpoint_last.safetensors", "scores_test.safetensors"]
     {
-        assert!(opts.output_dir.join(file).is_file(), "{file} missing");
+        assert!(opts.run.output_dir.join(file).is_file(), "{file} missing");
     }
-    let scores = read_checkpoint(&opts.output_dir.join("scores_test.safetensors"), &Device::Cpu).unwrap();
+    let scores = read_checkpoint(&opts.run.output_dir.join("scores_test.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(scores.tensors["score_i2t"].dims(), &[8, 16]);
     assert_eq!(scores.tensors["score_t2i"].dims(), &[16, 8]);
 
     // Evaluating the trained checkpoint reproduces the test metrics (zero-shot uses this path).
     let mut eval = f.options(&f.dir.join("config.yaml"), "eval");
-    eval.evaluate = true;
-    eval.checkpoint = Some(opts.output_dir.join("checkpoint_best.safetensors"));
+    eval.run.evaluate = true;
+    eval.run.checkpoint = Some(opts.run.output_dir.join("checkpoint_best.safetensors"));
     let m = run(&eval).unwrap();
     assert_eq!(m["test"], saved["test"]);
     assert!(m["val"]["r_mean"].as_f64().is_some());
@@ -114,14 +108,14 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     let full = f.options(&config, "full");
     run(&full).unwrap();
     let mut first = f.options(&config, "split");
-    first.stop_after_epoch = Some(1);
+    first.run.stop_after_epoch = Some(1);
     run(&first).unwrap();
-    assert!(!first.output_dir.join("metrics.json").exists(), "a stopped run does not look complete");
+    assert!(!first.run.output_dir.join("metrics.json").exists(), "a stopped run does not look complete");
     let mut rest = f.options(&config, "split");
-    rest.resume = true;
+    rest.run.resume = true;
     run(&rest).unwrap();
-    let a = read_checkpoint(&full.output_dir.join("checkpoint_last.safetensors"), &Device::Cpu).unwrap();
-    let b = read_checkpoint(&rest.output_dir.join("checkpoint_last.safetensors"), &Device::Cpu).unwrap();
+    let a = read_checkpoint(&full.run.output_dir.join("checkpoint_last.safetensors"), &Device::Cpu).unwrap();
+    let b = read_checkpoint(&rest.run.output_dir.join("checkpoint_last.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (name, t) in &a.tensors {
         let u = &b.tensors[name];
@@ -133,8 +127,8 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
             .unwrap();
         assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0, "{name} differs after resume");
     }
-    let la = log_lines(&full.output_dir);
-    let lb = log_lines(&rest.output_dir);
+    let la = log_lines(&full.run.output_dir);
+    let lb = log_lines(&rest.run.output_dir);
     assert_eq!(la, lb, "same log records");
 }
 
@@ -152,7 +146,7 @@ fn bad_input_is_named() {
     let opts = f.options(&f.dir.join("config.yaml"), "out_missing");
     let e = err(&opts);
     assert!(e.contains("train_00003.png") && e.contains("entry 6 of") && e.contains("retrieval_train.json"), "{e}");
-    assert!(!opts.output_dir.exists(), "no output folder for bad input");
+    assert!(!opts.run.output_dir.exists(), "no output folder for bad input");
     std::fs::rename(data.join("moved.png"), &gone).unwrap();
 
     // An unreadable image is caught when loaded, and still named.
@@ -160,10 +154,10 @@ fn bad_input_is_named() {
     let png = std::fs::read(&broken).unwrap();
     std::fs::write(&broken, &png[..png.len() / 3]).unwrap();
     let mut eval = f.options(&f.dir.join("config.yaml"), "out_broken");
-    eval.evaluate = true;
+    eval.run.evaluate = true;
     let e = err(&eval);
     assert!(e.contains("val_00002.png") && e.contains("entry 2 of"), "{e}");
-    assert!(!eval.output_dir.join("metrics.json").exists());
+    assert!(!eval.run.output_dir.join("metrics.json").exists());
     std::fs::write(&broken, &png).unwrap();
 
     // A JSON file that is not a list, and an entry without a field.
@@ -198,7 +192,7 @@ fn bad_input_is_named() {
 
     // A checkpoint of another task is explained.
     let mut wrong = f.options(&f.dir.join("config.yaml"), "o4");
-    wrong.checkpoint = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vqa/checkpoint.pth"));
+    wrong.run.checkpoint = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vqa/checkpoint.pth"));
     let e = err(&wrong);
     assert!(e.contains("fine-tuned Vqa checkpoint") && e.contains("cannot initialise a Retrieval model"), "{e}");
 }

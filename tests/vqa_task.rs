@@ -2,8 +2,8 @@
 //! `vqa_result.json` and the VQA accuracy, and a missing or empty answer list is named.
 
 use albef::data::synth::{generate, vocab_size, SynthConfig};
-use albef::tasks::vqa::{run, VqaOptions};
-use candle_core::Device;
+use albef::tasks::vqa::run;
+use albef::tasks::RunOptions;
 use std::path::{Path, PathBuf};
 
 fn setup(name: &str, epochs: usize) -> (PathBuf, PathBuf) {
@@ -31,19 +31,8 @@ fn setup(name: &str, epochs: usize) -> (PathBuf, PathBuf) {
     (dir, config)
 }
 
-fn options(dir: &Path, config: &Path, out: &str) -> VqaOptions {
-    VqaOptions {
-        config: config.to_path_buf(),
-        output_dir: dir.join(out),
-        text_encoder: dir.join("data/vocab.txt"),
-        checkpoint: None,
-        evaluate: false,
-        resume: false,
-        seed: 2,
-        device: Device::Cpu,
-        workers: Some(2),
-        stop_after_epoch: None,
-    }
+fn options(dir: &Path, config: &Path, out: &str) -> RunOptions {
+    RunOptions { seed: 2, workers: Some(2), ..RunOptions::new(config, dir.join(out), dir.join("data/vocab.txt")) }
 }
 
 #[test]

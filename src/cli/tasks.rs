@@ -2,11 +2,11 @@
 
 use albef::checkpoint::Task;
 use albef::tasks::classify::{self, ClassifyOptions};
-use albef::tasks::nlvr_pretrain::{self, NlvrPretrainOptions};
+use albef::tasks::nlvr_pretrain;
 use albef::tasks::retrieval::{self, RetrievalOptions};
-use albef::tasks::vqa::{self, VqaOptions};
+use albef::tasks::vqa;
+use albef::tasks::RunOptions;
 use anyhow::Result;
-use candle_core::Device;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -50,11 +50,20 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    fn resolve(self, default_config: &str, default_out: &str) -> Result<(PathBuf, PathBuf, Device, Self)> {
-        let device = super::device(&self.device)?;
-        let config = self.config.clone().unwrap_or_else(|| PathBuf::from(default_config));
-        let out = self.output_dir.clone().unwrap_or_else(|| PathBuf::from(default_out));
-        Ok((config, out, device, self))
+    /// The run options, with the task's default config and output folder.
+    fn into_run(self, default_config: &str, default_out: &str) -> Result<RunOptions> {
+        Ok(RunOptions {
+            config: self.config.unwrap_or_else(|| PathBuf::from(default_config)),
+            output_dir: self.output_dir.unwrap_or_else(|| PathBuf::from(default_out)),
+            text_encoder: self.text_encoder,
+            checkpoint: self.checkpoint,
+            evaluate: self.evaluate,
+            resume: self.resume,
+            seed: self.seed,
+            device: super::device(&self.device)?,
+            workers: self.workers,
+            stop_after_epoch: self.stop_after_epoch,
+        })
     }
 }
 
@@ -83,43 +92,16 @@ fn print(metrics: &serde_json::Value) -> Result<()> {
 }
 
 pub fn retrieval(a: RetrievalArgs) -> Result<()> {
-    let (config, output_dir, device, c) =
-        a.common.resolve("./configs/Retrieval_flickr.yaml", "output/Retrieval_flickr")?;
-    print(&retrieval::run(&RetrievalOptions {
-        config,
-        output_dir,
-        text_encoder: c.text_encoder,
-        checkpoint: c.checkpoint,
-        evaluate: c.evaluate,
-        resume: c.resume,
-        save_scores: a.save_scores,
-        seed: c.seed,
-        device,
-        workers: c.workers,
-        stop_after_epoch: c.stop_after_epoch,
-    })?)
+    let run = a.common.into_run("./configs/Retrieval_flickr.yaml", "output/Retrieval_flickr")?;
+    print(&retrieval::run(&RetrievalOptions { run, save_scores: a.save_scores })?)
 }
 
 pub fn classify(task: Task, a: ClassifyArgs) -> Result<()> {
-    let (default_config, default_out) = match task {
-        Task::Ve => ("./configs/VE.yaml", "output/VE"),
-        _ => ("./configs/NLVR.yaml", "output/NLVR"),
+    let run = match task {
+        Task::Ve => a.common.into_run("./configs/VE.yaml", "output/VE")?,
+        _ => a.common.into_run("./configs/NLVR.yaml", "output/NLVR")?,
     };
-    let (config, output_dir, device, c) = a.common.resolve(default_config, default_out)?;
-    print(&classify::run(&ClassifyOptions {
-        task,
-        config,
-        output_dir,
-        text_encoder: c.text_encoder,
-        checkpoint: c.checkpoint,
-        evaluate: c.evaluate,
-        resume: c.resume,
-        seed: c.seed,
-        device,
-        workers: c.workers,
-        stop_after_epoch: c.stop_after_epoch,
-        teacher_from_checkpoint: a.teacher_from_checkpoint,
-    })?)
+    print(&classify::run(&ClassifyOptions { task, run, teacher_from_checkpoint: a.teacher_from_checkpoint })?)
 }
 
 #[derive(Args)]
@@ -132,35 +114,13 @@ pub struct VqaArgs {
 }
 
 pub fn vqa(a: VqaArgs) -> Result<()> {
-    let (config, output_dir, device, c) = a.common.resolve("./configs/VQA.yaml", "output/vqa")?;
-    print(&vqa::run(&VqaOptions {
-        config,
-        output_dir,
-        text_encoder: c.text_encoder,
-        checkpoint: c.checkpoint,
-        evaluate: c.evaluate,
-        resume: c.resume,
-        seed: c.seed,
-        device,
-        workers: c.workers,
-        stop_after_epoch: c.stop_after_epoch,
-    })?)
+    print(&vqa::run(&a.common.into_run("./configs/VQA.yaml", "output/vqa")?)?)
 }
 
 pub fn nlvr_pretrain(c: CommonArgs) -> Result<()> {
-    let (config, output_dir, device, c) = c.resolve("./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")?;
-    if c.evaluate {
+    let run = c.into_run("./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")?;
+    if run.evaluate {
         anyhow::bail!("nlvr-pretrain has no evaluation; evaluate the NLVR2 model with `albef nlvr --evaluate`");
     }
-    print(&nlvr_pretrain::run(&NlvrPretrainOptions {
-        config,
-        output_dir,
-        text_encoder: c.text_encoder,
-        checkpoint: c.checkpoint,
-        resume: c.resume,
-        seed: c.seed,
-        device,
-        workers: c.workers,
-        stop_after_epoch: c.stop_after_epoch,
-    })?)
+    print(&nlvr_pretrain::run(&run)?)
 }

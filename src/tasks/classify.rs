@@ -9,7 +9,7 @@ use crate::data::retrieval::{check_images_exist, ImageRef};
 use crate::data::{Padding, Tokenizer};
 use crate::eval::retrieval::Metrics;
 use crate::model::{ClassifierKind, ClassifierModel};
-use crate::tasks::{default_teacher_init, load_checkpoint, TaskModel, TeacherInit};
+use crate::tasks::{default_teacher_init, load_checkpoint, RunOptions, TaskModel, TeacherInit};
 use crate::train::fit::{fit, load_best, prefixed, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
 use crate::train::run::RunDir;
@@ -24,16 +24,7 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub struct ClassifyOptions {
     pub task: Task,
-    pub config: PathBuf,
-    pub output_dir: PathBuf,
-    pub text_encoder: PathBuf,
-    pub checkpoint: Option<PathBuf>,
-    pub evaluate: bool,
-    pub resume: bool,
-    pub seed: u64,
-    pub device: Device,
-    pub workers: Option<usize>,
-    pub stop_after_epoch: Option<usize>,
+    pub run: RunOptions,
     /// NLVR2: initialise the teacher from the loaded weights instead of the reference's quirk.
     pub teacher_from_checkpoint: bool,
 }
@@ -112,7 +103,7 @@ fn write_predictions(run: &RunDir, name: &str, split: &ClassifyDataset, preds: &
 
 pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
     let (kind, format) = kind_and_format(opts.task)?;
-    let cfg = TaskConfig::from_yaml_file(&opts.config)?;
+    let cfg = TaskConfig::from_yaml_file(&opts.run.config)?;
     // NLVR.yaml has one `batch_size`; VE.yaml has train/test sizes.
     let (train_bs_key, test_bs_key) = if cfg.extra.contains_key("batch_size") {
         ("batch_size", "batch_size")
@@ -120,18 +111,18 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
         ("batch_size_train", "batch_size_test")
     };
     let mut required = vec!["val_file", "test_file", "image_root", "image_res", test_bs_key];
-    if !opts.evaluate {
+    if !opts.run.evaluate {
         required.extend(["train_file", train_bs_key, "optimizer", "schedular", "alpha"]);
     }
-    cfg.require(&opts.config, &required)?;
+    cfg.require(&opts.run.config, &required)?;
     let model_cfg = cfg.model_config()?;
     let res = model_cfg.vision.image_res;
     let image_root = PathBuf::from(cfg.str("image_root")?);
-    let tokenizer = Tokenizer::from_path(&opts.text_encoder)?;
+    let tokenizer = Tokenizer::from_path(&opts.run.text_encoder)?;
     let files = |key: &str| -> Result<Vec<PathBuf>> { cfg.strings(key)?.iter().map(|p| cfg.resolve(p)).collect() };
     let val = Arc::new(ClassifyDataset::new(&files("val_file")?, &image_root, format, res, false)?);
     let test = Arc::new(ClassifyDataset::new(&files("test_file")?, &image_root, format, res, false)?);
-    let train = if opts.evaluate {
+    let train = if opts.run.evaluate {
         None
     } else {
         Some(Arc::new(ClassifyDataset::new(&files("train_file")?, &image_root, format, res, true)?))
@@ -142,20 +133,20 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
     }
     check_images_exist(images)?;
 
-    let task_model = TaskModel::new(opts.task, &model_cfg, &opts.device, opts.seed)?;
-    if let Some(ckpt) = &opts.checkpoint {
+    let task_model = TaskModel::new(opts.task, &model_cfg, &opts.run.device, opts.run.seed)?;
+    if let Some(ckpt) = &opts.run.checkpoint {
         let teacher =
             if opts.teacher_from_checkpoint { TeacherInit::FromLoaded } else { default_teacher_init(opts.task) };
-        eprint!("{}", load_checkpoint(&task_model, opts.task, &model_cfg, ckpt, opts.evaluate, teacher)?);
+        eprint!("{}", load_checkpoint(&task_model, opts.task, &model_cfg, ckpt, opts.run.evaluate, teacher)?);
     }
     let TaskModel::Classifier(model) = task_model else { unreachable!("{kind:?} builds a classifier") };
-    let run_dir = RunDir::create(&opts.output_dir)?;
+    let run_dir = RunDir::create(&opts.run.output_dir)?;
     run_dir.write_text("config.yaml", &serde_norway::to_string(&cfg)?)?;
     let batch_test = cfg.usize(test_bs_key)?;
     let task_name = format!("{:?}", opts.task).to_lowercase();
 
     let finish = |run_dir: &RunDir, val_m: Metrics, epoch_record: Option<usize>| -> Result<serde_json::Value> {
-        let (test_m, preds) = evaluate(&model, test.clone(), &tokenizer, batch_test, opts.workers, "test")?;
+        let (test_m, preds) = evaluate(&model, test.clone(), &tokenizer, batch_test, opts.run.workers, "test")?;
         print_metrics("test", &test_m);
         write_predictions(run_dir, "test", &test, &preds, format)?;
         let mut record = prefixed("val", &val_m);
@@ -169,25 +160,25 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
         Ok(out)
     };
 
-    if opts.evaluate {
-        let (val_m, preds) = evaluate(&model, val.clone(), &tokenizer, batch_test, opts.workers, "val")?;
+    if opts.run.evaluate {
+        let (val_m, preds) = evaluate(&model, val.clone(), &tokenizer, batch_test, opts.run.workers, "val")?;
         print_metrics("val", &val_m);
         write_predictions(&run_dir, "val", &val, &preds, format)?;
         return finish(&run_dir, val_m, None);
     }
     let train = train.expect("built when training");
-    let loop_cfg = LoopConfig::from_config(&cfg, opts.seed)?;
+    let loop_cfg = LoopConfig::from_config(&cfg, opts.run.seed)?;
     let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
-    let loader_cfg = LoaderConfig::train(cfg.usize(train_bs_key)?, opts.seed).workers(opts.workers);
+    let loader_cfg = LoaderConfig::train(cfg.usize(train_bs_key)?, opts.run.seed).workers(opts.run.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
-    let dev = opts.device.clone();
+    let dev = opts.run.device.clone();
     let fit_cfg = FitConfig {
         run: &run_dir,
         loop_cfg: &loop_cfg,
-        resume: opts.resume,
+        resume: opts.run.resume,
         task: &task_name,
         epochs: loop_cfg.schedule.epochs,
-        stop_after_epoch: opts.stop_after_epoch,
+        stop_after_epoch: opts.run.stop_after_epoch,
         select: Some("acc"),
     };
     let end = fit(
@@ -203,7 +194,7 @@ pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
                 model.forward_train(&batch_images(&batch, res, &dev)?, &ids, &mask, &targets, alpha, true)?,
             )])
         },
-        |_| Ok(Some(evaluate(&model, val.clone(), &tokenizer, batch_test, opts.workers, "val")?.0)),
+        |_| Ok(Some(evaluate(&model, val.clone(), &tokenizer, batch_test, opts.run.workers, "val")?.0)),
     )?;
     match end {
         FitEnd::Stopped(n) => Ok(json!({"stopped_after_epoch": n})),

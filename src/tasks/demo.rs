@@ -7,6 +7,7 @@ use crate::data::synth::{generate, vocab_size, SynthConfig};
 use crate::eval::retrieval::Metrics;
 use crate::report::{line_chart, metrics_table, Series};
 use crate::tasks::retrieval::{run as run_retrieval, RetrievalOptions};
+use crate::tasks::RunOptions;
 use crate::util::write_atomic;
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -148,19 +149,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     for stale in ["log.txt", "metrics.json"] {
         let _ = std::fs::remove_file(out.join(stale));
     }
-    let metrics = run_retrieval(&RetrievalOptions {
-        config,
-        output_dir: out.clone(),
-        text_encoder: data.join("vocab.txt"),
-        checkpoint: None,
-        evaluate: false,
-        resume: false,
-        save_scores: true,
+    let run = |config: PathBuf, output_dir: PathBuf| RunOptions {
         seed: opts.seed,
-        device: Device::Cpu,
         workers: opts.workers,
-        stop_after_epoch: None,
-    })?;
+        ..RunOptions::new(config, output_dir, data.join("vocab.txt"))
+    };
+    let metrics = run_retrieval(&RetrievalOptions { run: run(config, out.clone()), save_scores: true })?;
     let parse = |v: &Value| -> Result<Metrics> { Ok(serde_json::from_value(v.clone())?) };
     let (val, test) = (parse(&metrics["val"])?, parse(&metrics["test"])?);
     // VQA, from random weights too, in its own folder.
@@ -170,18 +164,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
         let _ = std::fs::remove_file(vqa_out.join("log.txt"));
         let vqa_config_path = vqa_out.join("demo_vqa_config.yaml");
         write_atomic(&vqa_config_path, vqa_config(&data, &out, opts.vqa_epochs, opts.batch_size).as_bytes())?;
-        let m = crate::tasks::vqa::run(&crate::tasks::vqa::VqaOptions {
-            config: vqa_config_path,
-            output_dir: vqa_out,
-            text_encoder: data.join("vocab.txt"),
-            checkpoint: None,
-            evaluate: false,
-            resume: false,
-            seed: opts.seed,
-            device: Device::Cpu,
-            workers: opts.workers,
-            stop_after_epoch: None,
-        })?;
+        let m = crate::tasks::vqa::run(&run(vqa_config_path, vqa_out))?;
         Some(parse(&m["test"])?)
     } else {
         None

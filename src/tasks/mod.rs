@@ -15,7 +15,45 @@ use crate::nn::ParamStore;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// What every task run takes: the reference scripts' common flags, plus resuming and stopping.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The task YAML.
+    pub config: PathBuf,
+    pub output_dir: PathBuf,
+    /// Local `bert-base-uncased` folder or vocab file.
+    pub text_encoder: PathBuf,
+    pub checkpoint: Option<PathBuf>,
+    pub evaluate: bool,
+    /// Continue from `output_dir/checkpoint_last.safetensors`.
+    pub resume: bool,
+    pub seed: u64,
+    pub device: Device,
+    /// Loader worker threads (default: one per core).
+    pub workers: Option<usize>,
+    /// Stop after this many completed epochs (continue later with `resume`).
+    pub stop_after_epoch: Option<usize>,
+}
+
+impl RunOptions {
+    /// A fresh CPU run with the reference's seed.
+    pub fn new(config: impl Into<PathBuf>, output_dir: impl Into<PathBuf>, text_encoder: impl Into<PathBuf>) -> Self {
+        Self {
+            config: config.into(),
+            output_dir: output_dir.into(),
+            text_encoder: text_encoder.into(),
+            checkpoint: None,
+            evaluate: false,
+            resume: false,
+            seed: 42,
+            device: Device::Cpu,
+            workers: None,
+            stop_after_epoch: None,
+        }
+    }
+}
 
 /// Any of the task models.
 pub enum TaskModel {

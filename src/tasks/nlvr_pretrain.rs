@@ -7,31 +7,18 @@ use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::pretrain::{CaptionSample, PretrainDataset};
 use crate::data::retrieval::check_images_exist;
 use crate::data::{Padding, Tokenizer};
-use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
+use crate::tasks::{load_checkpoint, RunOptions, TaskModel, TeacherInit};
 use crate::train::fit::{fit, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
 use crate::train::run::{RunDir, LAST};
 use crate::train::LoopConfig;
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-#[derive(Clone, Debug)]
-pub struct NlvrPretrainOptions {
-    pub config: PathBuf,
-    pub output_dir: PathBuf,
-    pub text_encoder: PathBuf,
-    pub checkpoint: Option<PathBuf>,
-    pub resume: bool,
-    pub seed: u64,
-    pub device: Device,
-    pub workers: Option<usize>,
-    pub stop_after_epoch: Option<usize>,
-}
-
-pub fn run(opts: &NlvrPretrainOptions) -> Result<serde_json::Value> {
+pub fn run(opts: &RunOptions) -> Result<serde_json::Value> {
     let cfg = TaskConfig::from_yaml_file(&opts.config)?;
     cfg.require(&opts.config, &["train_file", "image_res", "batch_size", "optimizer", "schedular"])?;
     let model_cfg = cfg.model_config()?;

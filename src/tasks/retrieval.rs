@@ -9,7 +9,7 @@ use crate::data::retrieval::{check_images_exist, ImageRef, RetrievalEval, Retrie
 use crate::data::{Padding, Tokenizer};
 use crate::eval::retrieval::{itm_eval, score_matrices, Encoded, Metrics, Scores};
 use crate::model::ContrastiveModel;
-use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
+use crate::tasks::{load_checkpoint, RunOptions, TaskModel, TeacherInit};
 use crate::train::fit::{fit, load_best, prefixed, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
 use crate::train::run::RunDir;
@@ -23,19 +23,9 @@ use std::sync::Arc;
 /// Everything `albef retrieval` takes.
 #[derive(Clone, Debug)]
 pub struct RetrievalOptions {
-    pub config: PathBuf,
-    pub output_dir: PathBuf,
-    pub text_encoder: PathBuf,
-    pub checkpoint: Option<PathBuf>,
-    pub evaluate: bool,
-    pub resume: bool,
+    pub run: RunOptions,
+    /// Also write `scores_<split>.safetensors`.
     pub save_scores: bool,
-    pub seed: u64,
-    pub device: Device,
-    /// Loader worker threads (default: one per core).
-    pub workers: Option<usize>,
-    /// Stop after this many completed epochs (the run can be continued with `resume`).
-    pub stop_after_epoch: Option<usize>,
 }
 
 const TEXT_MAX_WORDS: usize = 30;
@@ -108,22 +98,22 @@ fn save_scores(run: &RunDir, split: &str, i2t: &Scores, t2i: &Scores) -> Result<
 /// Runs `albef retrieval`: trains (unless `evaluate`) and evaluates. Returns the metrics written
 /// to `metrics.json`.
 pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
-    let cfg = TaskConfig::from_yaml_file(&opts.config)?;
+    let cfg = TaskConfig::from_yaml_file(&opts.run.config)?;
     let mut required = vec!["val_file", "test_file", "image_root", "batch_size_test", "k_test", "image_res"];
-    if !opts.evaluate {
+    if !opts.run.evaluate {
         required.extend(["train_file", "batch_size_train", "optimizer", "schedular", "alpha"]);
     }
-    cfg.require(&opts.config, &required)?;
+    cfg.require(&opts.run.config, &required)?;
     let model_cfg = cfg.model_config()?;
     let res = model_cfg.vision.image_res;
     let image_root = PathBuf::from(cfg.str("image_root")?);
     let k_test = cfg.k_test.context("k_test")?;
     let batch_test = cfg.usize("batch_size_test")?;
-    let tokenizer = Tokenizer::from_path(&opts.text_encoder)?;
+    let tokenizer = Tokenizer::from_path(&opts.run.text_encoder)?;
     if tokenizer.vocab_size() != model_cfg.bert.vocab_size {
         anyhow::bail!(
             "the tokenizer in {} has {} tokens but bert_config says vocab_size {}",
-            opts.text_encoder.display(),
+            opts.run.text_encoder.display(),
             tokenizer.vocab_size(),
             model_cfg.bert.vocab_size
         );
@@ -131,7 +121,7 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
     // Read every annotation file before creating outputs, so bad input leaves nothing behind.
     let val = Arc::new(RetrievalEval::new(&cfg.resolve(&cfg.str("val_file")?)?, &image_root, res, TEXT_MAX_WORDS)?);
     let test = Arc::new(RetrievalEval::new(&cfg.resolve(&cfg.str("test_file")?)?, &image_root, res, TEXT_MAX_WORDS)?);
-    let train = if opts.evaluate {
+    let train = if opts.run.evaluate {
         None
     } else {
         let augment = match cfg.extra.get("train_transform").and_then(|v| v.as_str()).unwrap_or("reference") {
@@ -150,22 +140,28 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
     }
     check_images_exist(images)?;
 
-    let task_model = TaskModel::new(Task::Retrieval, &model_cfg, &opts.device, opts.seed)?;
-    if let Some(ckpt) = &opts.checkpoint {
-        let report =
-            load_checkpoint(&task_model, Task::Retrieval, &model_cfg, ckpt, opts.evaluate, TeacherInit::FromLoaded)?;
+    let task_model = TaskModel::new(Task::Retrieval, &model_cfg, &opts.run.device, opts.run.seed)?;
+    if let Some(ckpt) = &opts.run.checkpoint {
+        let report = load_checkpoint(
+            &task_model,
+            Task::Retrieval,
+            &model_cfg,
+            ckpt,
+            opts.run.evaluate,
+            TeacherInit::FromLoaded,
+        )?;
         eprint!("{report}");
     }
     let TaskModel::Contrastive(model) = task_model else { unreachable!("retrieval builds the contrastive model") };
-    let run_dir = RunDir::create(&opts.output_dir)?;
+    let run_dir = RunDir::create(&opts.run.output_dir)?;
     run_dir.write_text("config.yaml", &serde_norway::to_string(&cfg)?)?;
 
-    if opts.evaluate {
+    if opts.run.evaluate {
         let mut out = serde_json::Map::new();
         let mut record = serde_json::Map::new();
         for (name, split) in [("val", &val), ("test", &test)] {
             let (m, i2t, t2i) =
-                evaluate_split(&model, split.clone(), &tokenizer, batch_test, k_test, opts.workers, name)?;
+                evaluate_split(&model, split.clone(), &tokenizer, batch_test, k_test, opts.run.workers, name)?;
             print_metrics(name, &m);
             if opts.save_scores {
                 save_scores(&run_dir, name, &i2t, &t2i)?;
@@ -181,18 +177,18 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
     }
 
     let train = train.expect("built when training");
-    let loop_cfg = LoopConfig::from_config(&cfg, opts.seed)?;
+    let loop_cfg = LoopConfig::from_config(&cfg, opts.run.seed)?;
     let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
-    let loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.seed).workers(opts.workers);
+    let loader_cfg = LoaderConfig::train(cfg.usize("batch_size_train")?, opts.run.seed).workers(opts.run.workers);
     let loader = Loader::new(train.clone(), loader_cfg);
-    let dev = opts.device.clone();
+    let dev = opts.run.device.clone();
     let fit_cfg = FitConfig {
         run: &run_dir,
         loop_cfg: &loop_cfg,
-        resume: opts.resume,
+        resume: opts.run.resume,
         task: "retrieval",
         epochs: loop_cfg.schedule.epochs,
-        stop_after_epoch: opts.stop_after_epoch,
+        stop_after_epoch: opts.run.stop_after_epoch,
         select: Some("r_mean"),
     };
     let end = fit(
@@ -211,7 +207,7 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
             let l = model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
             Ok(vec![("ita", l.ita), ("itm", l.itm)])
         },
-        |_| Ok(Some(evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.workers, "val")?.0)),
+        |_| Ok(Some(evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.run.workers, "val")?.0)),
     )?;
     let (state, best_val) = match end {
         FitEnd::Stopped(n) => return Ok(json!({"stopped_after_epoch": n})),
@@ -221,10 +217,10 @@ pub fn run(opts: &RetrievalOptions) -> Result<serde_json::Value> {
     load_best(&run_dir, &model.store)?;
     let best_val = match best_val {
         Some(v) => v,
-        None => evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.workers, "val")?.0,
+        None => evaluate_split(&model, val.clone(), &tokenizer, batch_test, k_test, opts.run.workers, "val")?.0,
     };
     let (test_m, i2t, t2i) =
-        evaluate_split(&model, test.clone(), &tokenizer, batch_test, k_test, opts.workers, "test")?;
+        evaluate_split(&model, test.clone(), &tokenizer, batch_test, k_test, opts.run.workers, "test")?;
     print_metrics("test (best epoch)", &test_m);
     if opts.save_scores {
         save_scores(&run_dir, "test", &i2t, &t2i)?;

@@ -11,7 +11,7 @@ use crate::data::{Padding, Tokenizer};
 use crate::eval::retrieval::Metrics;
 use crate::eval::vqa::vqa_accuracy;
 use crate::model::VqaModel;
-use crate::tasks::{load_checkpoint, TaskModel, TeacherInit};
+use crate::tasks::{load_checkpoint, RunOptions, TaskModel, TeacherInit};
 use crate::train::fit::{fit, print_metrics, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
 use crate::train::run::RunDir;
@@ -21,20 +21,6 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
-
-#[derive(Clone, Debug)]
-pub struct VqaOptions {
-    pub config: PathBuf,
-    pub output_dir: PathBuf,
-    pub text_encoder: PathBuf,
-    pub checkpoint: Option<PathBuf>,
-    pub evaluate: bool,
-    pub resume: bool,
-    pub seed: u64,
-    pub device: Device,
-    pub workers: Option<usize>,
-    pub stop_after_epoch: Option<usize>,
-}
 
 fn stack(batch: &[VqaSample], res: usize, dev: &Device) -> Result<Tensor> {
     let flat: Vec<f32> = batch.iter().flat_map(|s| s.pixels.iter().copied()).collect();
@@ -90,7 +76,7 @@ pub fn evaluate(
     Ok((results, metrics))
 }
 
-pub fn run(opts: &VqaOptions) -> Result<serde_json::Value> {
+pub fn run(opts: &RunOptions) -> Result<serde_json::Value> {
     let cfg = TaskConfig::from_yaml_file(&opts.config)?;
     let mut required = vec!["test_file", "answer_list", "vqa_root", "image_res", "batch_size_test", "k_test"];
     if !opts.evaluate {
