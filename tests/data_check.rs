@@ -54,3 +54,34 @@ fn finds_missing_and_broken_images_and_bad_annotations() {
     assert!(e.contains("retrieval_test.json") && e.contains("entry 0") && e.contains("'caption'"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The command's exit status, over a tree in the standard layout (`--root`).
+#[test]
+fn command_exit_status_over_a_layout() {
+    let root = std::env::temp_dir().join(format!("albef-check-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let flickr = root.join("flickr30k");
+    generate(&flickr, &SynthConfig { seed: 2, train: 6, val: 3, test: 3, image_size: 16, max_shapes: 1 }).unwrap();
+    for split in ["train", "val", "test"] {
+        std::fs::rename(flickr.join(format!("retrieval_{split}.json")), flickr.join(format!("{split}.json"))).unwrap();
+    }
+    let configs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_albef"))
+            .args(["data", "check", "--root"])
+            .arg(&root)
+            .arg("--configs")
+            .arg(&configs)
+            .output()
+            .unwrap()
+    };
+    let ok = run();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("== flickr30k"));
+    std::fs::remove_file(flickr.join("images/test_00002.png")).unwrap();
+    let bad = run();
+    assert!(!bad.status.success());
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(text.contains("missing") && text.contains("test_00002.png"), "{text}");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -198,3 +198,88 @@ fn a_hundred_thousand_captions_convert() {
     assert_eq!(load(&d.join("out/test.json"))[1999]["image"], "images/19990.jpg");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn refcoco_from_refer_pickle_and_from_parquet() {
+    use albef::data::refcoco::{from_parquet, from_refer};
+    use arrow_array::builder::{Float64Builder, ListBuilder, StringBuilder};
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let d = tmp("refcoco");
+    // A REFER pickle written the way Python writes a list of dicts (serde-pickle here).
+    let refs = json!([
+        {"ref_id": 0, "ann_id": 7, "image_id": 581857, "split": "train", "file_name": "COCO_train2014_000000581857_7.jpg",
+         "sentences": [{"sent": "the lady with the blue shirt", "raw": "The lady with the blue shirt", "sent_id": 0, "tokens": []},
+                       {"sent": "woman in back", "raw": "woman in back", "sent_id": 1, "tokens": []}], "category_id": 1},
+        {"ref_id": 1, "ann_id": 8, "image_id": 1000, "split": "testA", "file_name": "COCO_train2014_000000001000_8.jpg",
+         "sentences": [{"sent": "left man", "raw": "left man", "sent_id": 2, "tokens": []}], "category_id": 1}
+    ]);
+    std::fs::write(d.join("refs(unc).p"), serde_pickle::to_vec(&refs, serde_pickle::SerOptions::new()).unwrap())
+        .unwrap();
+    std::fs::write(d.join("instances.json"), json!({
+        "images": [{"id": 581857, "file_name": "COCO_train2014_000000581857.jpg"}, {"id": 1000, "file_name": "COCO_train2014_000000001000.jpg"}],
+        "annotations": [{"id": 7, "image_id": 581857, "bbox": [103.93, 299.99, 134.22, 177.42]}, {"id": 8, "image_id": 1000, "bbox": [1.0, 2.0, 3.0, 4.0]}],
+        "categories": []}).to_string()).unwrap();
+    let out = d.join("refcoco");
+    from_refer(&d.join("refs(unc).p"), &d.join("instances.json"), "refcoco+", "unc+", &out, false).unwrap();
+    let train = load(&out.join("refcoco+_train.json"));
+    assert_eq!(
+        train[1],
+        json!({"image": "train2014/COCO_train2014_000000581857.jpg", "text": "woman in back", "ref_id": 0, "image_id": 581857, "bbox": [103.93, 299.99, 134.22, 177.42]})
+    );
+    assert_eq!(load(&out.join("refcoco+_testA.json"))[0]["bbox"], json!([1.0, 2.0, 3.0, 4.0]));
+    assert_eq!(load(&out.join("refs(unc+).json")), refs);
+    // A ref whose annotation is missing from instances.json is named.
+    std::fs::write(d.join("instances2.json"), json!({"images": [{"id": 581857, "file_name": "x.jpg"}, {"id": 1000, "file_name": "y.jpg"}], "annotations": []}).to_string()).unwrap();
+    let e = format!(
+        "{:#}",
+        from_refer(&d.join("refs(unc).p"), &d.join("instances2.json"), "refcoco", "unc", &d.join("o"), false)
+            .unwrap_err()
+    );
+    assert!(e.contains("ref 0") && e.contains("annotation 7"), "{e}");
+    std::fs::write(d.join("bad.p"), b"\x80\x02]q\x00(").unwrap();
+    let e = format!(
+        "{:#}",
+        from_refer(&d.join("bad.p"), &d.join("instances.json"), "refcoco", "unc", &d.join("o"), false).unwrap_err()
+    );
+    assert!(e.contains("bad.p"), "{e}");
+
+    // The parquet release.
+    let mut bbox = ListBuilder::new(Float64Builder::new());
+    let mut caps = ListBuilder::new(StringBuilder::new());
+    for (b, c) in [([1.0, 2.0, 3.0, 4.0], vec!["a dog", "the brown dog"]), ([5.0, 6.0, 7.0, 8.0], vec!["cat on left"])]
+    {
+        bbox.values().append_slice(&b);
+        bbox.append(true);
+        for s in c {
+            caps.values().append_value(s);
+        }
+        caps.append(true);
+    }
+    let batch = RecordBatch::try_from_iter(vec![
+        ("ref_id", Arc::new(Int64Array::from(vec![10, 11])) as ArrayRef),
+        ("image_id", Arc::new(Int64Array::from(vec![42, 43])) as ArrayRef),
+        ("split", Arc::new(StringArray::from(vec!["val", "testB"])) as ArrayRef),
+        ("bbox", Arc::new(bbox.finish()) as ArrayRef),
+        ("captions", Arc::new(caps.finish()) as ArrayRef),
+    ])
+    .unwrap();
+    let pq = d.join("validation-00000-of-00001.parquet");
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&pq).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let out = d.join("hf");
+    from_parquet(std::slice::from_ref(&pq), "refcoco", &out, false).unwrap();
+    assert_eq!(
+        load(&out.join("refcoco_val.json")),
+        json!([
+        {"image": "train2014/COCO_train2014_000000000042.jpg", "text": "a dog", "ref_id": 10, "image_id": 42, "bbox": [1.0, 2.0, 3.0, 4.0]},
+        {"image": "train2014/COCO_train2014_000000000042.jpg", "text": "the brown dog", "ref_id": 10, "image_id": 42, "bbox": [1.0, 2.0, 3.0, 4.0]}])
+    );
+    assert_eq!(load(&out.join("refcoco_testB.json"))[0]["text"], "cat on left");
+    let bytes = std::fs::read(&pq).unwrap();
+    std::fs::write(d.join("cut.parquet"), &bytes[..bytes.len() / 2]).unwrap();
+    let e = format!("{:#}", from_parquet(&[d.join("cut.parquet")], "refcoco", &d.join("o2"), false).unwrap_err());
+    assert!(e.contains("cut.parquet"), "{e}");
+}

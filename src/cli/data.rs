@@ -30,6 +30,28 @@ pub enum PrepareCommand {
     /// SNLI-VE official JSON-lines → ve_{train,dev,test}.json.
     #[command(name = "snli-ve")]
     SnliVe(SplitsArgs),
+    /// RefCOCO, RefCOCO+, RefCOCOg → <dataset>_<split>.json grounding files (+ refs(*).json).
+    Refcoco(RefcocoArgs),
+}
+
+#[derive(Args)]
+pub struct RefcocoArgs {
+    /// refcoco, refcoco+ or refcocog.
+    #[arg(long, default_value = "refcoco+")]
+    dataset: String,
+    /// REFER pickle, e.g. refs(unc).p (with --instances).
+    #[arg(long)]
+    refs: Option<PathBuf>,
+    /// COCO instances.json of the REFER release.
+    #[arg(long)]
+    instances: Option<PathBuf>,
+    /// Hugging Face parquet files (jxu124/refcoco layout), instead of --refs/--instances.
+    #[arg(long, num_args = 1..)]
+    parquet: Vec<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -110,6 +132,24 @@ fn prepare(cmd: PrepareCommand) -> Result<()> {
             report(p::vqa(&splits, &a.out, a.answers, a.force)?)
         }
         PrepareCommand::Nlvr2(a) => report(p::nlvr2(&splits(a.train, a.dev, a.test, "val")?, &a.out, a.force)?),
+        PrepareCommand::Refcoco(a) => {
+            if !["refcoco", "refcoco+", "refcocog"].contains(&a.dataset.as_str()) {
+                anyhow::bail!("--dataset must be refcoco, refcoco+ or refcocog, not {:?}", a.dataset);
+            }
+            match (a.refs, a.instances, a.parquet.is_empty()) {
+                (Some(refs), Some(instances), true) => {
+                    // refs(unc).p → refs(unc).json, and refcoco+'s as refs(unc+).json as the guide's layout has it.
+                    let stem = refs.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    let split_by = stem.trim_start_matches("refs(").trim_end_matches(')').to_string();
+                    let name = if a.dataset == "refcoco+" { format!("{split_by}+") } else { split_by };
+                    report(albef::data::refcoco::from_refer(&refs, &instances, &a.dataset, &name, &a.out, a.force)?)
+                }
+                (None, None, false) => {
+                    report(albef::data::refcoco::from_parquet(&a.parquet, &a.dataset, &a.out, a.force)?)
+                }
+                _ => anyhow::bail!("give either --refs and --instances (REFER files) or --parquet FILES"),
+            }
+        }
         PrepareCommand::SnliVe(a) => report(p::snli_ve(&splits(a.train, a.dev, a.test, "dev")?, &a.out, a.force)?),
     }
 }
@@ -134,7 +174,14 @@ fn splits(
 pub struct CheckArgs {
     /// Task YAML whose files to check.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Or: a data folder in the standard layout (flickr30k, coco, vqa, nlvr2, snli_ve); each
+    /// dataset present is checked against the shipped config that reads it.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Where the shipped configs are (with --root).
+    #[arg(long, default_value = "configs")]
+    configs: PathBuf,
 }
 
 #[derive(Args)]
@@ -154,8 +201,7 @@ pub struct SynthArgs {
     size: usize,
 }
 
-fn check(a: CheckArgs) -> Result<()> {
-    let r = albef::data::check::check_config(&a.config)?;
+fn print_report(r: &albef::data::check::CheckReport) {
     for (file, n) in &r.files {
         println!("{:>8} entries  {}", n, file.display());
     }
@@ -168,11 +214,48 @@ fn check(a: CheckArgs) -> Result<()> {
             println!("  … and {} more {label}", list.len() - 10);
         }
     }
-    if !r.ok() {
-        anyhow::bail!("the data for {} is incomplete", a.config.display());
+}
+
+fn check(a: CheckArgs) -> Result<()> {
+    match (a.config, a.root) {
+        (Some(config), None) => {
+            let r = albef::data::check::check_config(&config)?;
+            print_report(&r);
+            if !r.ok() {
+                anyhow::bail!("the data for {} is incomplete", config.display());
+            }
+            println!("ok: everything {} needs is in place", config.display());
+            Ok(())
+        }
+        (None, Some(root)) => {
+            let results = albef::data::check::check_root(&root, &a.configs);
+            if results.is_empty() {
+                anyhow::bail!("{} holds none of flickr30k, coco, vqa, nlvr2, snli_ve", root.display());
+            }
+            let mut bad = Vec::new();
+            for (name, result) in results {
+                println!("== {name}");
+                match result {
+                    Ok(r) => {
+                        print_report(&r);
+                        if !r.ok() {
+                            bad.push(name);
+                        }
+                    }
+                    Err(e) => {
+                        println!("  error: {e:#}");
+                        bad.push(name);
+                    }
+                }
+            }
+            if !bad.is_empty() {
+                anyhow::bail!("incomplete: {}", bad.join(", "));
+            }
+            println!("ok");
+            Ok(())
+        }
+        _ => anyhow::bail!("give --config C or --root DIR"),
     }
-    println!("ok: everything {} needs is in place", a.config.display());
-    Ok(())
 }
 
 pub fn run(cmd: DataCommand) -> Result<()> {

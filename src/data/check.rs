@@ -56,14 +56,57 @@ fn files(cfg: &TaskConfig, key: &str) -> Result<Vec<PathBuf>> {
 /// Reads the config's annotation files (errors in them stop the check, naming file and entry)
 /// and checks every image.
 pub fn check_config(path: &Path) -> Result<CheckReport> {
-    let cfg = TaskConfig::from_yaml_file(path)?;
+    check(&TaskConfig::from_yaml_file(path)?, path)
+}
+
+/// The shipped configs' data folders, for `--root`.
+pub const LAYOUT: [(&str, &str); 5] = [
+    ("flickr30k", "configs/Retrieval_flickr.yaml"),
+    ("coco", "configs/Retrieval_coco.yaml"),
+    ("vqa", "configs/VQA.yaml"),
+    ("nlvr2", "configs/NLVR.yaml"),
+    ("snli_ve", "configs/VE.yaml"),
+];
+
+/// Rewrites every `data/…` path of a config to `root/…`.
+fn rebase(v: &mut serde_json::Value, root: &Path) {
+    match v {
+        serde_json::Value::String(s) => {
+            if let Some(rest) = s.strip_prefix("data/") {
+                *s = root.join(rest).display().to_string();
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|x| rebase(x, root)),
+        _ => {}
+    }
+}
+
+/// Checks every dataset of the standard layout present under `root` against the shipped config
+/// that reads it: (dataset, report, or the error that stopped its check). Absent folders are
+/// skipped.
+pub fn check_root(root: &Path, configs_dir: &Path) -> Vec<(String, Result<CheckReport>)> {
+    LAYOUT
+        .iter()
+        .filter(|(dir, _)| root.join(dir).is_dir())
+        .map(|(dir, cfg)| {
+            let path = configs_dir.join(cfg.trim_start_matches("configs/"));
+            let result = TaskConfig::from_yaml_file(&path).and_then(|mut c| {
+                c.extra.values_mut().for_each(|v| rebase(v, root));
+                check(&c, &path)
+            });
+            (dir.to_string(), result)
+        })
+        .collect()
+}
+
+fn check(cfg: &TaskConfig, path: &Path) -> Result<CheckReport> {
     let res = cfg.image_res.unwrap_or(384);
     let mut report = CheckReport::default();
     let mut images: Vec<ImageRef> = Vec::new();
-    let kind = task_kind(&cfg);
+    let kind = task_kind(cfg);
     let root = || -> Result<PathBuf> { Ok(PathBuf::from(cfg.str("image_root")?)) };
     for key in ["train_file", "val_file", "test_file"] {
-        for file in files(&cfg, key)? {
+        for file in files(cfg, key)? {
             let found: Vec<ImageRef> = match (kind, key) {
                 ("retrieval", "train_file") => {
                     RetrievalTrain::new(std::slice::from_ref(&file), &root()?, res, 30)?.images().cloned().collect()

@@ -7,6 +7,7 @@ pub mod classify;
 pub mod loader;
 pub mod prepare;
 pub mod pretrain;
+pub mod refcoco;
 pub mod retrieval;
 pub mod synth;
 pub mod text;
