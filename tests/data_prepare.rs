@@ -134,6 +134,17 @@ fn vqa_joins_questions_answers_and_images() {
     assert_eq!(load(&out.join("answer_list.json")), json!(["red", "2"]));
     vqa(&splits, &d.join("vqa1"), 1, false).unwrap();
     assert_eq!(load(&d.join("vqa1/answer_list.json")), json!(["red"]));
+    // A wrong type is named with file and record.
+    std::fs::write(
+        d.join("q_bad.json"),
+        json!({"questions": [{"image_id": "nine", "question": "?", "question_id": 1}]}).to_string(),
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        vqa(&[("test".to_string(), d.join("q_bad.json"), None)], &d.join("vqa3"), 10, false).unwrap_err()
+    );
+    assert!(e.contains("q_bad.json") && e.contains("question 0") && e.contains("'image_id' must be an integer"), "{e}");
     // A question without annotation is named.
     std::fs::write(d.join("a_val.json"), json!({"annotations": []}).to_string()).unwrap();
     let e = format!("{:#}", vqa(&splits, &d.join("vqa2"), 10, false).unwrap_err());
