@@ -46,7 +46,7 @@ fn string(v: &Value, key: &str, file: &Path, record: &str) -> Result<String> {
 }
 
 /// Writes all outputs, or none if any exists and `force` is off.
-fn write_all(outputs: Vec<(PathBuf, Value)>, force: bool) -> Result<Written> {
+pub fn write_all(outputs: Vec<(PathBuf, Value)>, force: bool) -> Result<Written> {
     if !force {
         let existing: Vec<String> =
             outputs.iter().filter(|(p, _)| p.exists()).map(|(p, _)| p.display().to_string()).collect();

@@ -4,8 +4,7 @@
 //! (`image` under the COCO root, `text`, `ref_id`, `image_id`, `bbox` [x, y, w, h]) and, for the
 //! REFER input, `refs(<name>).json`, the pickle as JSON.
 
-use super::prepare::Written;
-use crate::util::write_atomic;
+use super::prepare::{write_all, Written};
 use anyhow::{bail, Context, Result};
 use arrow_array::{Array, Float64Array, Int64Array, ListArray, RecordBatch, StringArray};
 use serde_json::{json, Map, Value};
@@ -63,20 +62,7 @@ fn write_splits(
     let mut outputs: Vec<(PathBuf, Value)> =
         splits.into_iter().map(|(split, v)| (out.join(format!("{dataset}_{split}.json")), Value::Array(v))).collect();
     outputs.extend(extra);
-    if !force {
-        let existing: Vec<String> =
-            outputs.iter().filter(|(p, _)| p.exists()).map(|(p, _)| p.display().to_string()).collect();
-        if !existing.is_empty() {
-            bail!("refusing to overwrite {} (use --force)", existing.join(", "));
-        }
-    }
-    let mut written = Vec::new();
-    for (path, value) in outputs {
-        let n = value.as_array().map_or(1, |a| a.len());
-        write_atomic(&path, serde_json::to_string(&value)?.as_bytes())?;
-        written.push((path, n));
-    }
-    Ok(written)
+    write_all(outputs, force)
 }
 
 /// REFER files. `refs_name` is how the converted refs file is named: `refs(<refs_name>).json`.
