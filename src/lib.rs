@@ -1,9 +1,14 @@
 //! albef: ALBEF ("Align before Fuse", Li et al. 2021) in Rust.
 //!
-//! Layers, top to bottom: `model` (ViT, BERT text/fusion encoder, heads, task assemblies) on
-//! `nn` (differentiable primitives, parameter store) and `checkpoint` (.pth / safetensors I/O,
-//! key remapping, position-embedding interpolation); `data` holds the tokenizer and image
-//! transforms.
+//! Layers, top to bottom (each uses only the layers below it):
+//! `tasks` (one module per reference script on one shared harness) →
+//! `train` (loop, optimizer, schedule, run folders) | `eval` (retrieval scores, VQA accuracy) |
+//! `data` (datasets, loader, tokenizer, transforms, prepare/check/synth) →
+//! `config` (typed task YAML) → `model` (ViT, BERT, heads, task models) →
+//! `nn` (differentiable primitives, parameter store) | `checkpoint` (.pth / safetensors I/O, key
+//! remapping, position-embedding interpolation).
+//! `task`, `progress` and `util` are small helpers every layer may use; the binary's `cli` sits on
+//! top.
 
 pub mod checkpoint;
 pub mod config;
@@ -11,7 +16,9 @@ pub mod data;
 pub mod eval;
 pub mod model;
 pub mod nn;
+pub mod progress;
 pub mod report;
+pub mod task;
 pub mod tasks;
 pub mod train;
 pub mod util;

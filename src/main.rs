@@ -34,10 +34,10 @@ enum Command {
     NlvrPretrain(cli::tasks::CommonArgs),
     /// NLVR2: fine-tune and evaluate from the text-assignment checkpoint, as NLVR.py.
     Nlvr(cli::tasks::ClassifyArgs),
-    /// Datasets: generate the synthetic one.
+    /// Datasets: prepare the official files, check a config's files and images, generate the synthetic one.
     #[command(subcommand)]
     Data(cli::data::DataCommand),
-    /// Forward-throughput benchmarks of the full-size encoders on this machine.
+    /// Benchmarks of the full-size model on this machine, each beside a baseline measured in the same run.
     Bench(cli::bench::BenchArgs),
 }
 
@@ -49,8 +49,8 @@ fn main() {
         Command::Retrieval(a) => cli::tasks::retrieval(a),
         Command::Vqa(a) => cli::tasks::vqa(a),
         Command::NlvrPretrain(a) => cli::tasks::nlvr_pretrain(a),
-        Command::Ve(a) => cli::tasks::classify(albef::checkpoint::Task::Ve, a),
-        Command::Nlvr(a) => cli::tasks::classify(albef::checkpoint::Task::Nlvr, a),
+        Command::Ve(a) => cli::tasks::classify(albef::task::Task::Ve, a),
+        Command::Nlvr(a) => cli::tasks::classify(albef::task::Task::Nlvr, a),
         Command::Data(c) => cli::data::run(c),
         Command::Bench(a) => cli::bench::run(a),
     };

@@ -60,7 +60,7 @@ pub fn line_chart(series: &[Series], path: &Path) -> Result<()> {
 }
 
 /// A Markdown table of named metrics for several splits.
-pub fn metrics_table(rows: &[(&str, &crate::eval::retrieval::Metrics)]) -> String {
+pub fn metrics_table(rows: &[(&str, &crate::util::Metrics)]) -> String {
     let Some((_, first)) = rows.first() else { return String::new() };
     let keys: Vec<&String> = first.keys().collect();
     let mut out = format!(

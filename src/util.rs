@@ -17,3 +17,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
 }
+
+/// Named metrics in the reference's order (`r_mean`, `acc`, …).
+pub type Metrics = indexmap::IndexMap<String, f64>;
+
+/// Indices of the k largest values, largest first (ties: lower index first, as torch.topk on CPU
+/// usually returns).
+pub fn topk_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| values[b].partial_cmp(&values[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}

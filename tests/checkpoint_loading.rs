@@ -2,8 +2,10 @@
 
 mod common;
 
-use albef::checkpoint::{classify, load_into, read_checkpoint, CheckpointKind, FileFormat, Task};
-use albef::tasks::{load_checkpoint, save_model, TaskModel, TeacherInit};
+use albef::checkpoint::{classify, load_into, read_checkpoint, CheckpointKind, FileFormat};
+use albef::model::{ClassifierKind, ClassifierModel};
+use albef::task::Task;
+use albef::tasks::{build_model, load_checkpoint, save_model, TeacherInit};
 use candle_core::{Device, IndexOp};
 use common::*;
 use std::collections::BTreeMap;
@@ -29,11 +31,9 @@ fn raw_state_dict_pth_loads_like_the_wrapped_one() {
     assert_eq!(wrapped.format, FileFormat::Pth { wrapped: true });
     assert_eq!(raw.tensors.keys().collect::<Vec<_>>(), wrapped.tensors.keys().collect::<Vec<_>>());
     let cfg = model_config("ve");
-    let model = TaskModel::new(Task::Ve, &cfg, &dev, 0).unwrap();
-    let report =
-        load_checkpoint(&model, Task::Ve, &cfg, &fixture_dir("ve_raw.pth"), true, TeacherInit::FromLoaded).unwrap();
+    let m = ClassifierModel::new(&cfg, ClassifierKind::VisualEntailment, &dev, 0).unwrap();
+    let report = load_checkpoint(&m, Task::Ve, &fixture_dir("ve_raw.pth"), true, TeacherInit::FromLoaded).unwrap();
     assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
-    let TaskModel::Classifier(m) = model else { unreachable!() };
     let io = io("ve");
     let logits = m.logits(&io["image"], &io["input_ids"], &io["attention_mask"]).unwrap();
     assert_close("ve logits from raw .pth", &logits, &io["logits"], 1e-5);
@@ -53,9 +53,9 @@ fn kinds_are_detected() {
 #[test]
 fn retrieval_from_pretraining_checkpoint_reports_like_the_reference() {
     let cfg = model_config("pretrain");
-    let model = TaskModel::new(Task::Retrieval, &cfg, &Device::Cpu, 0).unwrap();
+    let model = build_model(Task::Retrieval, &cfg, &Device::Cpu, 0).unwrap();
     let path = fixture_dir("pretrain").join("checkpoint.pth");
-    let report = load_checkpoint(&model, Task::Retrieval, &cfg, &path, false, TeacherInit::FromLoaded).unwrap();
+    let report = load_checkpoint(model.as_ref(), Task::Retrieval, &path, false, TeacherInit::FromLoaded).unwrap();
     // §2.4: missing only idx_queue; unexpected the MLM heads of student and teacher (7 + 7).
     assert_eq!(report.missing, vec!["idx_queue".to_string()]);
     assert_eq!(report.unexpected.len(), 14, "{:?}", report.unexpected);
@@ -73,9 +73,9 @@ fn retrieval_from_pretraining_checkpoint_reports_like_the_reference() {
 fn vqa_decoder_is_initialised_from_the_fusion_layers() {
     let mut cfg = model_config("pretrain");
     cfg.decoder_layers = cfg.bert.num_hidden_layers - cfg.bert.fusion_layer;
-    let model = TaskModel::new(Task::Vqa, &cfg, &Device::Cpu, 0).unwrap();
+    let model = build_model(Task::Vqa, &cfg, &Device::Cpu, 0).unwrap();
     let path = fixture_dir("pretrain").join("checkpoint.pth");
-    let report = load_checkpoint(&model, Task::Vqa, &cfg, &path, false, TeacherInit::FromLoaded).unwrap();
+    let report = load_checkpoint(model.as_ref(), Task::Vqa, &path, false, TeacherInit::FromLoaded).unwrap();
     assert!(report.missing.is_empty(), "missing {:?}", report.missing);
     let ckpt = read_checkpoint(&path, &Device::Cpu).unwrap();
     let f = cfg.bert.fusion_layer;
@@ -109,8 +109,8 @@ fn vqa_decoder_is_initialised_from_the_fusion_layers() {
         .unwrap();
     assert_eq!(values(model.store(), "text_decoder.cls.predictions.transform.dense.weight"), want);
     // Under --evaluate the file is loaded as is: a pre-training file then fills no decoder.
-    let model = TaskModel::new(Task::Vqa, &cfg, &Device::Cpu, 0).unwrap();
-    let report = load_checkpoint(&model, Task::Vqa, &cfg, &path, true, TeacherInit::FromLoaded).unwrap();
+    let model = build_model(Task::Vqa, &cfg, &Device::Cpu, 0).unwrap();
+    let report = load_checkpoint(model.as_ref(), Task::Vqa, &path, true, TeacherInit::FromLoaded).unwrap();
     assert!(report.missing.iter().any(|k| k.starts_with("text_decoder.")));
 }
 
@@ -125,8 +125,8 @@ fn nlvr_teacher_quirk_and_its_fix() {
     albef::checkpoint::save_safetensors(&student, &BTreeMap::new(), &path).unwrap();
     let head = "cls_head.0.weight";
     for (policy, equal) in [(TeacherInit::Reference, false), (TeacherInit::FromLoaded, true)] {
-        let model = TaskModel::new(Task::Nlvr, &cfg, &Device::Cpu, 7).unwrap();
-        let report = load_checkpoint(&model, Task::Nlvr, &cfg, &path, false, policy).unwrap();
+        let model = build_model(Task::Nlvr, &cfg, &Device::Cpu, 7).unwrap();
+        let report = load_checkpoint(model.as_ref(), Task::Nlvr, &path, false, policy).unwrap();
         assert!(report.teacher_missing(model.store()));
         assert_eq!(values(model.store(), head) == values(model.store(), "cls_head_m.0.weight"), equal, "{policy:?}");
     }
@@ -135,14 +135,14 @@ fn nlvr_teacher_quirk_and_its_fix() {
 #[test]
 fn our_safetensors_round_trip_and_are_recognised() {
     let cfg = model_config("ve");
-    let model = TaskModel::new(Task::Ve, &cfg, &Device::Cpu, 0).unwrap();
-    load_checkpoint(&model, Task::Ve, &cfg, &fixture_dir("ve").join("checkpoint.pth"), true, TeacherInit::FromLoaded)
+    let model = build_model(Task::Ve, &cfg, &Device::Cpu, 0).unwrap();
+    load_checkpoint(model.as_ref(), Task::Ve, &fixture_dir("ve").join("checkpoint.pth"), true, TeacherInit::FromLoaded)
         .unwrap();
     let path = tmp("ve_ours.safetensors");
-    save_model(&model, Task::Ve, &path, &BTreeMap::new()).unwrap();
+    save_model(model.as_ref(), Task::Ve, &path, &BTreeMap::new()).unwrap();
     let ckpt = read_checkpoint(&path, &Device::Cpu).unwrap();
-    assert_eq!(classify(&ckpt), CheckpointKind::Ours { task: "ve".into() });
-    let again = TaskModel::new(Task::Ve, &cfg, &Device::Cpu, 99).unwrap();
+    assert_eq!(classify(&ckpt), CheckpointKind::Ours { task: Task::Ve });
+    let again = build_model(Task::Ve, &cfg, &Device::Cpu, 99).unwrap();
     let report = load_into(again.store(), &ckpt.tensors).unwrap();
     assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
     for name in
@@ -156,11 +156,10 @@ fn our_safetensors_round_trip_and_are_recognised() {
 fn pos_embed_is_interpolated_on_load() {
     let mut cfg = model_config("retrieval");
     cfg.vision.image_res = 64; // 4×4 patches instead of 3×3
-    let model = TaskModel::new(Task::Retrieval, &cfg, &Device::Cpu, 0).unwrap();
+    let model = build_model(Task::Retrieval, &cfg, &Device::Cpu, 0).unwrap();
     let report = load_checkpoint(
-        &model,
+        model.as_ref(),
         Task::Retrieval,
-        &cfg,
         &fixture_dir("retrieval").join("checkpoint.pth"),
         false,
         TeacherInit::FromLoaded,
@@ -209,11 +208,10 @@ fn bad_files_give_errors_naming_the_file() {
 fn shape_mismatch_names_key_and_shapes() {
     let mut cfg = model_config("ve");
     cfg.bert.intermediate_size = 48;
-    let model = TaskModel::new(Task::Ve, &cfg, &Device::Cpu, 0).unwrap();
+    let model = build_model(Task::Ve, &cfg, &Device::Cpu, 0).unwrap();
     let err = load_checkpoint(
-        &model,
+        model.as_ref(),
         Task::Ve,
-        &cfg,
         &fixture_dir("ve").join("checkpoint.pth"),
         true,
         TeacherInit::FromLoaded,
@@ -226,11 +224,10 @@ fn shape_mismatch_names_key_and_shapes() {
 #[test]
 fn wrong_task_checkpoint_is_explained() {
     let cfg = model_config("ve");
-    let model = TaskModel::new(Task::Ve, &cfg, &Device::Cpu, 0).unwrap();
+    let model = build_model(Task::Ve, &cfg, &Device::Cpu, 0).unwrap();
     let err = load_checkpoint(
-        &model,
+        model.as_ref(),
         Task::Ve,
-        &cfg,
         &fixture_dir("vqa").join("checkpoint.pth"),
         false,
         TeacherInit::FromLoaded,

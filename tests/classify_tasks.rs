@@ -1,8 +1,8 @@
 //! `albef ve` and `albef nlvr` on tiny synthetic data: training lowers the loss, evaluation
 //! writes accuracy and per-example predictions, and bad labels are named.
 
-use albef::checkpoint::Task;
 use albef::data::synth::{generate, vocab_size, SynthConfig};
+use albef::task::Task;
 use albef::tasks::classify::{run, ClassifyOptions};
 use albef::tasks::RunOptions;
 use std::path::{Path, PathBuf};
@@ -50,7 +50,7 @@ fn losses(out: &Path) -> Vec<f64> {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|r| r.get("train_loss_loss").and_then(|v| v.as_f64()))
+        .filter_map(|r| r.get("train_loss").and_then(|v| v.as_f64()))
         .collect()
 }
 

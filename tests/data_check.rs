@@ -3,6 +3,7 @@
 
 use albef::data::check::check_config;
 use albef::data::synth::{generate, SynthConfig};
+use albef::task::Task;
 
 #[test]
 fn finds_missing_and_broken_images_and_bad_annotations() {
@@ -31,18 +32,18 @@ fn finds_missing_and_broken_images_and_bad_annotations() {
         "e.yaml",
         format!("train_file: '{d}/ve_train.json'\nval_file: '{d}/ve_val.json'\ntest_file: '{d}/ve_test.json'\nimage_root: '{d}/ve_images'\nimage_res: 16\n"),
     );
-    for cfg in [&retrieval, &vqa, &nlvr, &ve] {
-        let r = check_config(cfg).unwrap();
+    for (cfg, task) in [(&retrieval, Task::Retrieval), (&vqa, Task::Vqa), (&nlvr, Task::Nlvr), (&ve, Task::Ve)] {
+        let r = check_config(cfg, task).unwrap();
         assert!(r.ok() && r.images > 0, "{}: {r:?}", cfg.display());
     }
-    let r = check_config(&retrieval).unwrap();
+    let r = check_config(&retrieval, Task::Retrieval).unwrap();
     assert_eq!(r.images, 20);
     assert_eq!(r.files.iter().map(|f| f.1).collect::<Vec<_>>(), [24, 4, 4]);
 
     std::fs::remove_file(data.join("images/train_00003.png")).unwrap();
     let png = std::fs::read(data.join("images/val_00001.png")).unwrap();
     std::fs::write(data.join("images/val_00001.png"), &png[..png.len() / 2]).unwrap();
-    let r = check_config(&retrieval).unwrap();
+    let r = check_config(&retrieval, Task::Retrieval).unwrap();
     assert!(!r.ok());
     assert_eq!(r.missing.len(), 1, "{r:?}");
     assert!(r.missing[0].contains("train_00003.png") && r.missing[0].contains("entry 6 of"), "{:?}", r.missing);
@@ -50,7 +51,7 @@ fn finds_missing_and_broken_images_and_bad_annotations() {
     assert!(r.broken[0].contains("val_00001.png"), "{:?}", r.broken);
 
     std::fs::write(data.join("retrieval_test.json"), r#"[{"image": "images/test_00000.png"}]"#).unwrap();
-    let e = format!("{:#}", check_config(&retrieval).unwrap_err());
+    let e = format!("{:#}", check_config(&retrieval, Task::Retrieval).unwrap_err());
     assert!(e.contains("retrieval_test.json") && e.contains("entry 0") && e.contains("'caption'"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,6 @@
 //! Position-embedding interpolation against values derived independently of the implementation.
 
-use albef::checkpoint::{bicubic_resize, interpolate_pos_embed};
+use albef::checkpoint::{interpolate_pos_embed, torch_interpolate_bicubic};
 use candle_core::{Device, Tensor};
 
 /// Keys' cubic kernel with A = −0.75, written out from its definition.
@@ -51,7 +51,7 @@ fn matches_separable_matrix_form() {
             expected[y * out + x] = acc;
         }
     }
-    let got = bicubic_resize(&grid.iter().map(|&v| v as f32).collect::<Vec<_>>(), 1, g, g, out, out);
+    let got = torch_interpolate_bicubic(&grid.iter().map(|&v| v as f32).collect::<Vec<_>>(), 1, g, g, out, out);
     for (i, (a, b)) in got.iter().zip(&expected).enumerate() {
         assert!((*a as f64 - b).abs() < 1e-5, "element {i}: got {a}, want {b}");
     }
@@ -64,7 +64,7 @@ fn hand_computed_upscale_of_two_by_two() {
     // keys(1.75) = −0.03515625. At s = 0.25 the taps −1, 0, 1, 2 clamp to rows 0, 0, 1, 1, so the
     // value is keys(0.75) + keys(1.75) = 0.2265625; at s = −0.25 (taps −2..1) only the last tap,
     // weight keys(1.25), reads row 1. The other two follow by symmetry.
-    let got = bicubic_resize(&[0.0, 0.0, 1.0, 1.0], 1, 2, 2, 4, 4);
+    let got = torch_interpolate_bicubic(&[0.0, 0.0, 1.0, 1.0], 1, 2, 2, 4, 4);
     // Column profile along y, constant along x: values at s = −0.25, 0.25, 0.75, 1.25.
     let want_rows = [-0.10546875, 0.2265625, 0.7734375, 1.10546875];
     for y in 0..4 {

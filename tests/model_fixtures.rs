@@ -4,7 +4,7 @@
 mod common;
 
 use albef::checkpoint::{load_into, read_checkpoint};
-use albef::eval::retrieval::{score_matrices, Encoded};
+use albef::eval::retrieval::{score_matrices, EncodedSplit};
 use albef::model::{ClassifierKind, ClassifierModel, ContrastiveModel, Objective, VqaModel};
 use candle_core::{Device, IndexOp, Tensor};
 use common::*;
@@ -78,7 +78,13 @@ fn retrieval_eval_outputs() {
         let sims = image_embeds.matmul(&text_embeds.t().unwrap()).unwrap();
         assert_close("sims_matrix", &sims, &io["sims_matrix"], TOL);
         assert_close("itm_logits", &all_pair_itm(&model, &image_feats, &text_feats, mask), &io["itm_logits"], TOL);
-        let enc = Encoded { image_feats, image_embeds, text_feats, text_mask: mask.clone(), text_embeds };
+        let enc = EncodedSplit {
+            image_states: image_feats,
+            image_feat: image_embeds,
+            text_states: text_feats,
+            text_mask: mask.clone(),
+            text_feat: text_embeds,
+        };
         let k_test = manifest("retrieval")["config"]["task_config"]["k_test"].as_u64().unwrap() as usize;
         let (i2t, t2i) = score_matrices(&model, &enc, k_test).unwrap();
         assert_close("score_matrix_i2t", &Tensor::new(i2t, &Device::Cpu).unwrap(), &io["score_matrix_i2t"], TOL);

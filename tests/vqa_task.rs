@@ -44,7 +44,7 @@ fn vqa_trains_ranks_and_scores() {
         .unwrap()
         .lines()
         .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap().get("train_loss_loss").and_then(|v| v.as_f64())
+            serde_json::from_str::<serde_json::Value>(l).unwrap().get("train_loss").and_then(|v| v.as_f64())
         })
         .collect();
     assert_eq!(losses.len(), 4);

@@ -25,7 +25,14 @@ fn taps(dst: usize, in_size: usize, out_size: usize) -> (i64, [f32; 4]) {
 
 /// Resizes a (C, h, w) row-major grid to (C, out_h, out_w) as PyTorch's CPU bicubic does:
 /// interpolate along x within each of the four rows, then along y.
-pub fn bicubic_resize(data: &[f32], channels: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+pub fn torch_interpolate_bicubic(
+    data: &[f32],
+    channels: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+) -> Vec<f32> {
     let mut out = vec![0f32; channels * out_h * out_w];
     let clamp = |v: i64, n: usize| v.clamp(0, n as i64 - 1) as usize;
     for oy in 0..out_h {
@@ -65,7 +72,7 @@ pub fn interpolate_pos_embed(pos: &Tensor, num_patches_new: usize, n_extra: usiz
     let extra = pos.narrow(1, 0, n_extra)?;
     // (g², E) → (E, g, g) channel planes.
     let grid = pos.narrow(1, n_extra, g_old * g_old)?.squeeze(0)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let resized = bicubic_resize(&grid, e, g_old, g_old, g_new, g_new);
+    let resized = torch_interpolate_bicubic(&grid, e, g_old, g_old, g_new, g_new);
     let resized = Tensor::from_vec(resized, (e, g_new * g_new), pos.device())?.t()?.unsqueeze(0)?;
     Tensor::cat(&[&extra.to_dtype(resized.dtype())?, &resized], 1)?.contiguous()
 }

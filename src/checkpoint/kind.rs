@@ -2,13 +2,13 @@
 //! errors that explain a checkpoint of the wrong kind).
 
 use super::io::Checkpoint;
-use super::remap::Task;
+use crate::task::Task;
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckpointKind {
     /// Written by albef (safetensors with `albef_task` metadata).
-    Ours { task: String },
+    Ours { task: Task },
     /// `ALBEF.pth` / `ALBEF_4M.pth` style pre-training state (with or without teacher).
     Pretraining { with_teacher: bool },
     /// A task model's state dict (released fine-tuned files, or reference training checkpoints).
@@ -56,8 +56,8 @@ fn task_from_keys(has: &dyn Fn(&str) -> bool, max_layer: Option<usize>) -> Optio
 }
 
 pub fn classify(ckpt: &Checkpoint) -> CheckpointKind {
-    if let Some(task) = ckpt.metadata.get("albef_task") {
-        return CheckpointKind::Ours { task: task.clone() };
+    if let Some(task) = ckpt.metadata.get("albef_task").and_then(|t| t.parse().ok()) {
+        return CheckpointKind::Ours { task };
     }
     let keys = &ckpt.tensors;
     let has = |prefix: &str| keys.keys().any(|k| k.starts_with(prefix));

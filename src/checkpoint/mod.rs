@@ -7,8 +7,16 @@ mod kind;
 mod load;
 mod remap;
 
-pub use interpolate::{bicubic_resize, interpolate_pos_embed};
+pub use interpolate::{interpolate_pos_embed, torch_interpolate_bicubic};
 pub use io::{read_checkpoint, save_safetensors, Checkpoint, FileFormat, StateDict};
 pub use kind::{classify, CheckpointKind};
 pub use load::{load_into, KeyReport};
-pub use remap::{remap, source_kind, SourceKind, Task};
+pub use remap::{remap, source_kind, SourceKind};
+
+/// The metadata albef writes into its checkpoints: the task (checked when loading) and version.
+pub fn albef_metadata(task: crate::task::Task) -> std::collections::BTreeMap<String, String> {
+    [("albef_task", task.as_str()), ("albef_version", env!("CARGO_PKG_VERSION"))]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -1,22 +1,7 @@
 //! The reference's per-task key remapping when a checkpoint is loaded (§2.4), in one place.
 
 use super::io::StateDict;
-
-/// Which reference script's loading code to mirror.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    Pretrain,
-    Retrieval,
-    Grounding,
-    Vqa,
-    /// `Pretrain_nlvr.py`: text-assignment pre-training for NLVR2.
-    #[value(name = "nlvr-pretrain")]
-    #[serde(rename = "nlvr-pretrain")]
-    NlvrPretrain,
-    Nlvr,
-    Ve,
-}
+use crate::task::Task;
 
 /// What a checkpoint file looks like, judged from its keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,7 +50,7 @@ pub fn remap(task: Task, sd: StateDict, evaluate: bool, fusion_layer: usize) -> 
         Task::NlvrPretrain => nlvr_duplicate_layers(strip_bert(sd), fusion_layer),
         Task::Nlvr | Task::Pretrain => sd,
     };
-    notes.push(format!("applied the {task:?} remap of pre-trained keys"));
+    notes.push(format!("applied the {task} remap of pre-trained keys"));
     (out, notes)
 }
 

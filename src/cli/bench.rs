@@ -3,7 +3,7 @@
 //! work done with candle's plain `Tensor::matmul` on the same shapes (the floor of what the
 //! model's matmuls cost), so the ratio shows the overhead of everything around the matmuls.
 
-use albef::eval::retrieval::{score_matrices, Encoded};
+use albef::eval::retrieval::{score_matrices, EncodedSplit};
 use albef::model::bert::{BertModel, CrossStates, Layout, Mode};
 use albef::model::vit::VisionTransformer;
 use albef::model::{ContrastiveModel, ModelConfig, Objective, VqaModel};
@@ -162,16 +162,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if want("rerank") {
             // Evaluation: encode, then ITM on the top-k texts of every image and the top-k images
             // of every text (here: all pairs in both directions).
-            let (image_feats, image_embeds) = model.encode_image(&images)?;
-            let (text_feats, text_embeds) = model.encode_text(&ids, &mask)?;
-            let enc = Encoded { image_feats, image_embeds, text_feats, text_mask: mask.clone(), text_embeds };
+            let (image_states, image_feat) = model.encode_image(&images)?;
+            let (text_states, text_feat) = model.encode_text(&ids, &mask)?;
+            let enc = EncodedSplit { image_states, image_feat, text_states, text_mask: mask.clone(), text_feat };
             let k = a.k_test.min(texts);
             let t = time(a.reps, || score_matrices(&model, &enc, k).map(|_| ()).map_err(Into::into))?;
             let pairs = (n_img * k + texts * n_img.min(k)) as f64;
             let fusion_only = time(a.reps, || {
-                let img = enc.image_feats.narrow(0, 0, 1)?.repeat((k, 1, 1))?;
+                let img = enc.image_states.narrow(0, 0, 1)?.repeat((k, 1, 1))?;
                 model
-                    .fuse(&enc.text_feats.narrow(0, 0, k)?, &enc.text_mask.narrow(0, 0, k)?, &img)
+                    .fuse(&enc.text_states.narrow(0, 0, k)?, &enc.text_mask.narrow(0, 0, k)?, &img)
                     .map(|_| ())
                     .map_err(Into::into)
             })?;

@@ -1,8 +1,9 @@
 //! `albef checkpoint inspect`: what a checkpoint file holds, and how it loads into a task model.
 
-use albef::checkpoint::{classify, read_checkpoint, Task};
-use albef::config::{default_model_config, TaskConfig};
-use albef::tasks::{default_teacher_init, load_checkpoint, TaskModel, TeacherInit};
+use albef::checkpoint::{classify, read_checkpoint};
+use albef::config::{default_model_config, model_config_from_file};
+use albef::task::Task;
+use albef::tasks::{build_model, default_teacher_init, load_checkpoint};
 use anyhow::Result;
 use candle_core::Device;
 use clap::{Args, Subcommand};
@@ -19,7 +20,7 @@ pub struct InspectArgs {
     /// A .pth or .safetensors file.
     path: PathBuf,
     /// Load it into this task's model and print the key report.
-    #[arg(long, value_enum)]
+    #[arg(long)]
     task: Option<Task>,
     /// Task YAML giving the model sizes (default: the reference's ViT-B/16 + bert-base).
     #[arg(long)]
@@ -54,13 +55,12 @@ fn inspect(a: InspectArgs) -> Result<()> {
     }
     if let Some(task) = a.task {
         let cfg = match &a.config {
-            Some(p) => TaskConfig::from_yaml_file(p)?.model_config()?,
+            Some(p) => model_config_from_file(p)?,
             None => default_model_config(task),
         };
-        let model = TaskModel::new(task, &cfg, &device, 0)?;
-        let teacher: TeacherInit = default_teacher_init(task);
-        let report = load_checkpoint(&model, task, &cfg, &a.path, a.evaluate, teacher)?;
-        println!("\nloading into the {task:?} model:");
+        let model = build_model(task, &cfg, &device, 0)?;
+        let report = load_checkpoint(model.as_ref(), task, &a.path, a.evaluate, default_teacher_init(task))?;
+        println!("\nloading into the {task} model:");
         print!("{report}");
     }
     Ok(())

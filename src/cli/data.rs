@@ -175,6 +175,10 @@ pub struct CheckArgs {
     /// Task YAML whose files to check.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The task the config is for (default: from the reference's config file names, e.g.
+    /// Retrieval_flickr.yaml → retrieval, VE.yaml → ve).
+    #[arg(long)]
+    task: Option<albef::task::Task>,
     /// Or: a data folder in the standard layout (flickr30k, coco, vqa, nlvr2, snli_ve); each
     /// dataset present is checked against the shipped config that reads it.
     #[arg(long)]
@@ -219,7 +223,11 @@ fn print_report(r: &albef::data::check::CheckReport) {
 fn check(a: CheckArgs) -> Result<()> {
     match (a.config, a.root) {
         (Some(config), None) => {
-            let r = albef::data::check::check_config(&config)?;
+            let task = match a.task {
+                Some(t) => t,
+                None => albef::task::Task::of_reference_config(&config)?,
+            };
+            let r = albef::data::check::check_config(&config, task)?;
             print_report(&r);
             if !r.ok() {
                 anyhow::bail!("the data for {} is incomplete", config.display());

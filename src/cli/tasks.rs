@@ -1,6 +1,6 @@
 //! The task commands (`retrieval`, `ve`, `nlvr`), with the reference scripts' flags.
 
-use albef::checkpoint::Task;
+use albef::task::Task;
 use albef::tasks::classify::{self, ClassifyOptions};
 use albef::tasks::nlvr_pretrain;
 use albef::tasks::retrieval::{self, RetrievalOptions};
@@ -118,9 +118,5 @@ pub fn vqa(a: VqaArgs) -> Result<()> {
 }
 
 pub fn nlvr_pretrain(c: CommonArgs) -> Result<()> {
-    let run = c.into_run("./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")?;
-    if run.evaluate {
-        anyhow::bail!("nlvr-pretrain has no evaluation; evaluate the NLVR2 model with `albef nlvr --evaluate`");
-    }
-    print(&nlvr_pretrain::run(&run)?)
+    print(&nlvr_pretrain::run(&c.into_run("./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")?)?)
 }

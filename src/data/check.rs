@@ -3,14 +3,17 @@
 //! parallel), reporting what is missing or broken.
 
 use super::classify::{ClassifyDataset, Format};
+use super::loader::Dataset;
 use super::pretrain::PretrainDataset;
 use super::retrieval::{ImageRef, RetrievalEval, RetrievalTrain};
 use super::transform::RgbImage;
 use super::vqa::{read_answer_list, VqaDataset};
-use crate::config::TaskConfig;
-use crate::train::Progress;
+use crate::config::{read_yaml, resolve, NlvrConfig, NlvrPretrainConfig, RetrievalConfig, VeConfig, VqaConfig};
+use crate::progress::Progress;
+use crate::task::Task;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
+use serde_norway::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -30,53 +33,30 @@ impl CheckReport {
     }
 }
 
-/// The task a config is for, from its keys (the reference's configs differ in them).
-fn task_kind(cfg: &TaskConfig) -> &'static str {
-    let has = |k: &str| cfg.extra.contains_key(k);
-    if has("answer_list") {
-        "vqa"
-    } else if cfg.k_test.is_some() && has("val_file") {
-        "retrieval"
-    } else if has("batch_size") && has("val_file") {
-        "nlvr"
-    } else if has("val_file") {
-        "ve"
-    } else {
-        "pretrain"
-    }
-}
-
-fn files(cfg: &TaskConfig, key: &str) -> Result<Vec<PathBuf>> {
-    if !cfg.extra.contains_key(key) {
-        return Ok(Vec::new());
-    }
-    cfg.strings(key)?.iter().map(|p| cfg.resolve(p)).collect()
-}
-
 /// Reads the config's annotation files (errors in them stop the check, naming file and entry)
 /// and checks every image.
-pub fn check_config(path: &Path) -> Result<CheckReport> {
-    check(&TaskConfig::from_yaml_file(path)?, path)
+pub fn check_config(path: &Path, task: Task) -> Result<CheckReport> {
+    check(read_yaml(path)?, path, task)
 }
 
 /// The shipped configs' data folders, for `--root`.
-pub const LAYOUT: [(&str, &str); 5] = [
-    ("flickr30k", "configs/Retrieval_flickr.yaml"),
-    ("coco", "configs/Retrieval_coco.yaml"),
-    ("vqa", "configs/VQA.yaml"),
-    ("nlvr2", "configs/NLVR.yaml"),
-    ("snli_ve", "configs/VE.yaml"),
+pub const LAYOUT: [(&str, &str, Task); 5] = [
+    ("flickr30k", "configs/Retrieval_flickr.yaml", Task::Retrieval),
+    ("coco", "configs/Retrieval_coco.yaml", Task::Retrieval),
+    ("vqa", "configs/VQA.yaml", Task::Vqa),
+    ("nlvr2", "configs/NLVR.yaml", Task::Nlvr),
+    ("snli_ve", "configs/VE.yaml", Task::Ve),
 ];
 
 /// Rewrites every `data/…` path of a config to `root/…`.
-fn rebase(v: &mut serde_json::Value, root: &Path) {
+fn rebase(v: &mut Value, root: &Path) {
     match v {
-        serde_json::Value::String(s) => {
+        Value::String(s) => {
             if let Some(rest) = s.strip_prefix("data/") {
                 *s = root.join(rest).display().to_string();
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(|x| rebase(x, root)),
+        Value::Sequence(items) => items.iter_mut().for_each(|x| rebase(x, root)),
         _ => {}
     }
 }
@@ -87,62 +67,95 @@ fn rebase(v: &mut serde_json::Value, root: &Path) {
 pub fn check_root(root: &Path, configs_dir: &Path) -> Vec<(String, Result<CheckReport>)> {
     LAYOUT
         .iter()
-        .filter(|(dir, _)| root.join(dir).is_dir())
-        .map(|(dir, cfg)| {
+        .filter(|(dir, _, _)| root.join(dir).is_dir())
+        .map(|(dir, cfg, task)| {
             let path = configs_dir.join(cfg.trim_start_matches("configs/"));
-            let result = TaskConfig::from_yaml_file(&path).and_then(|mut c| {
-                c.extra.values_mut().for_each(|v| rebase(v, root));
-                check(&c, &path)
+            let result = read_yaml(&path).and_then(|mut value| {
+                if let Some(map) = value.as_mapping_mut() {
+                    map.values_mut().for_each(|v| rebase(v, root));
+                }
+                check(value, &path, *task)
             });
             (dir.to_string(), result)
         })
         .collect()
 }
 
-fn check(cfg: &TaskConfig, path: &Path) -> Result<CheckReport> {
-    let res = cfg.image_res.unwrap_or(384);
+/// Every annotation file of a config with its entry count and the images its entries name, read
+/// with `task`'s own readers.
+fn annotations(value: Value, path: &Path, task: Task) -> Result<Vec<(PathBuf, usize, Vec<ImageRef>)>> {
+    let mut out = Vec::new();
+    let one = |f: &PathBuf| std::slice::from_ref(f).to_vec();
+    match task {
+        Task::Retrieval => {
+            let (data, model) = RetrievalConfig::data_keys(value, path)?;
+            let (res, root) = (model.image_res.unwrap_or(384), PathBuf::from(&data.image_root));
+            for f in data.train_file.iter().flat_map(|f| f.names()) {
+                let f = resolve(path, f)?;
+                let d = RetrievalTrain::new(&one(&f), &root, res, 30)?;
+                out.push((f, d.len(), d.images().cloned().collect()));
+            }
+            for f in [&data.val_file, &data.test_file] {
+                let f = resolve(path, f)?;
+                let d = RetrievalEval::new(&f, &root, res, 30)?;
+                out.push((f, d.images.len(), d.images));
+            }
+        }
+        Task::Vqa => {
+            let (data, model) = VqaConfig::data_keys(value, path)?;
+            let res = model.image_res.unwrap_or(384);
+            let vqa_root = PathBuf::from(&data.vqa_root);
+            let vg_root = data.vg_root.as_ref().map_or_else(|| vqa_root.clone(), PathBuf::from);
+            for (train, files) in [(true, data.train_file.as_ref()), (false, Some(&data.test_file))] {
+                for f in files.iter().flat_map(|f| f.names()) {
+                    let f = resolve(path, f)?;
+                    let d = if train {
+                        VqaDataset::train(&one(&f), &vqa_root, &vg_root, res, "")?
+                    } else {
+                        VqaDataset::test(&one(&f), &vqa_root, &vg_root, res)?
+                    };
+                    out.push((f, d.len(), d.images().cloned().collect()));
+                }
+            }
+            let list = resolve(path, &data.answer_list)?;
+            let n = read_answer_list(&list)?.len();
+            out.push((list, n, Vec::new()));
+        }
+        Task::Nlvr | Task::Ve => {
+            let (data, model) = if task == Task::Nlvr {
+                NlvrConfig::data_keys(value, path)?
+            } else {
+                VeConfig::data_keys(value, path)?
+            };
+            let format = if task == Task::Nlvr { Format::Nlvr2 } else { Format::SnliVe };
+            let (res, root) = (model.image_res.unwrap_or(384), PathBuf::from(&data.image_root));
+            let files = [data.train_file.as_ref(), Some(&data.val_file), Some(&data.test_file)];
+            for f in files.into_iter().flatten().flat_map(|f| f.names()) {
+                let f = resolve(path, f)?;
+                let d = ClassifyDataset::new(&one(&f), &root, format, res, false)?;
+                out.push((f, d.len(), d.images().cloned().collect()));
+            }
+        }
+        Task::NlvrPretrain => {
+            let (data, model) = NlvrPretrainConfig::data_keys(value, path)?;
+            let root = data.image_root.as_ref().map(PathBuf::from);
+            for f in data.train_file.names() {
+                let f = resolve(path, f)?;
+                let d = PretrainDataset::new(&one(&f), root.as_deref(), model.image_res.unwrap_or(256))?;
+                out.push((f, d.len(), d.images().cloned().collect()));
+            }
+        }
+        Task::Pretrain | Task::Grounding => bail!("albef data check does not know the {task} task's files yet"),
+    }
+    Ok(out)
+}
+
+fn check(value: Value, path: &Path, task: Task) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let mut images: Vec<ImageRef> = Vec::new();
-    let kind = task_kind(cfg);
-    let root = || -> Result<PathBuf> { Ok(PathBuf::from(cfg.str("image_root")?)) };
-    for key in ["train_file", "val_file", "test_file"] {
-        for file in files(cfg, key)? {
-            let found: Vec<ImageRef> = match (kind, key) {
-                ("retrieval", "train_file") => {
-                    RetrievalTrain::new(std::slice::from_ref(&file), &root()?, res, 30)?.images().cloned().collect()
-                }
-                ("retrieval", _) => RetrievalEval::new(&file, &root()?, res, 30)?.images,
-                ("vqa", _) => {
-                    let vqa_root = PathBuf::from(cfg.str("vqa_root")?);
-                    let vg_root = cfg.str("vg_root").map(PathBuf::from).unwrap_or_else(|_| vqa_root.clone());
-                    let one = std::slice::from_ref(&file);
-                    let d = if key == "train_file" {
-                        VqaDataset::train(one, &vqa_root, &vg_root, res, "")?
-                    } else {
-                        VqaDataset::test(one, &vqa_root, &vg_root, res)?
-                    };
-                    d.images().cloned().collect()
-                }
-                ("nlvr", _) | ("ve", _) => {
-                    let format = if kind == "nlvr" { Format::Nlvr2 } else { Format::SnliVe };
-                    ClassifyDataset::new(std::slice::from_ref(&file), &root()?, format, res, false)?
-                        .images()
-                        .cloned()
-                        .collect()
-                }
-                _ => {
-                    let r = cfg.str("image_root").ok().map(PathBuf::from);
-                    PretrainDataset::new(std::slice::from_ref(&file), r.as_deref(), res)?.images().cloned().collect()
-                }
-            };
-            report.files.push((file, found.len()));
-            images.extend(found);
-        }
-    }
-    if kind == "vqa" {
-        let list = cfg.resolve(&cfg.str("answer_list")?)?;
-        let n = read_answer_list(&list)?.len();
-        report.files.push((list, n));
+    for (file, entries, found) in annotations(value, path, task)? {
+        report.files.push((file, entries));
+        images.extend(found);
     }
     if report.files.is_empty() {
         bail!("{} names no annotation files (train_file, val_file, test_file)", path.display());

@@ -29,12 +29,12 @@ pub enum Padding {
 
 /// A padded batch: ids and 0/1 attention mask, both (B, L) i64.
 #[derive(Clone, Debug)]
-pub struct Encoded {
+pub struct TokenBatch {
     pub input_ids: Vec<Vec<u32>>,
     pub attention_mask: Vec<Vec<u32>>,
 }
 
-impl Encoded {
+impl TokenBatch {
     pub fn to_tensors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
         let b = self.input_ids.len();
         let l = self.input_ids.first().map_or(0, |r| r.len());
@@ -168,7 +168,7 @@ impl Tokenizer {
         ids
     }
 
-    pub fn encode_batch<S: AsRef<str>>(&self, texts: &[S], padding: Padding) -> Encoded {
+    pub fn encode_batch<S: AsRef<str>>(&self, texts: &[S], padding: Padding) -> TokenBatch {
         let (truncate, pad_to) = match padding {
             Padding::Longest { truncate_to } => (truncate_to, None),
             Padding::MaxLength(m) => (Some(m), Some(m)),
@@ -185,7 +185,7 @@ impl Tokenizer {
             input_ids.push(ids);
             attention_mask.push(mask);
         }
-        Encoded { input_ids, attention_mask }
+        TokenBatch { input_ids, attention_mask }
     }
 
     /// HF `BasicTokenizer`: clean, split CJK, lower-case and strip accents, split punctuation.

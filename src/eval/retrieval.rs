@@ -1,24 +1,25 @@
 //! Retrieval scoring (`Retrieval.py::evaluation`, §4): cosine similarities pick the top-k
 //! candidates, the ITM class-1 logit re-ranks them, −100 elsewhere.
 
-use crate::model::vqa::topk_indices;
 use crate::model::ContrastiveModel;
+use crate::util::{topk_indices, Metrics};
 use candle_core::{IndexOp, Result, Tensor};
 
 /// A dense row-major score matrix.
 pub type Scores = Vec<Vec<f32>>;
 
-/// Encoded evaluation set.
-pub struct Encoded {
+/// An encoded evaluation split (Retrieval.py calls the states `*_feats` and the ITC features
+/// `*_embeds`; here the names follow the model's: states vs. features).
+pub struct EncodedSplit {
     /// (N_img, 1+N, Dv) image states.
-    pub image_feats: Tensor,
+    pub image_states: Tensor,
     /// (N_img, E) normalised ITC features.
-    pub image_embeds: Tensor,
+    pub image_feat: Tensor,
     /// (N_txt, L, D) text-mode states.
-    pub text_feats: Tensor,
+    pub text_states: Tensor,
     pub text_mask: Tensor,
-    /// (N_txt, E).
-    pub text_embeds: Tensor,
+    /// (N_txt, E) normalised ITC features.
+    pub text_feat: Tensor,
 }
 
 /// Texts per fusion call when scoring.
@@ -26,14 +27,14 @@ const CHUNK: usize = 128;
 
 /// ITM class-1 logits of `texts` (indices) against image `i`; the image states are shared by
 /// the batch rather than repeated (same numbers, far fewer cross-attention projections).
-fn itm_scores(model: &ContrastiveModel, enc: &Encoded, i: usize, texts: &[usize]) -> Result<Vec<f32>> {
-    let dev = enc.image_feats.device();
+fn itm_scores(model: &ContrastiveModel, enc: &EncodedSplit, i: usize, texts: &[usize]) -> Result<Vec<f32>> {
+    let dev = enc.image_states.device();
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(CHUNK) {
         let sel = Tensor::from_vec(chunk.iter().map(|&x| x as u32).collect::<Vec<_>>(), chunk.len(), dev)?;
-        let text = enc.text_feats.index_select(&sel, 0)?;
+        let text = enc.text_states.index_select(&sel, 0)?;
         let mask = enc.text_mask.index_select(&sel, 0)?;
-        let fused = model.fuse(&text, &mask, &enc.image_feats.i(i..i + 1)?)?;
+        let fused = model.fuse(&text, &mask, &enc.image_states.i(i..i + 1)?)?;
         out.extend(model.itm_logits(&fused)?.i((.., 1))?.to_vec1::<f32>()?);
     }
     Ok(out)
@@ -42,9 +43,9 @@ fn itm_scores(model: &ContrastiveModel, enc: &Encoded, i: usize, texts: &[usize]
 /// `(score_i2t (N_img, N_txt), score_t2i (N_txt, N_img))`: for each image its top-`k_test` texts
 /// by cosine similarity, for each text its top-`k_test` images, scored by the ITM logit; −100
 /// elsewhere. Text-to-image pairs are grouped by image, which changes no score.
-pub fn score_matrices(model: &ContrastiveModel, enc: &Encoded, k_test: usize) -> Result<(Scores, Scores)> {
-    let sims = enc.image_embeds.matmul(&enc.text_embeds.t()?)?.to_vec2::<f32>()?;
-    let (ni, nt) = (sims.len(), enc.text_feats.dim(0)?);
+pub fn score_matrices(model: &ContrastiveModel, enc: &EncodedSplit, k_test: usize) -> Result<(Scores, Scores)> {
+    let sims = enc.image_feat.matmul(&enc.text_feat.t()?)?.to_vec2::<f32>()?;
+    let (ni, nt) = (sims.len(), enc.text_states.dim(0)?);
     let mut i2t = vec![vec![-100f32; nt]; ni];
     let mut by_image: Vec<Vec<usize>> = vec![Vec::new(); ni];
     for t in 0..nt {
@@ -65,9 +66,6 @@ pub fn score_matrices(model: &ContrastiveModel, enc: &Encoded, k_test: usize) ->
     }
     Ok((i2t, t2i))
 }
-
-/// Named metrics in the reference's order.
-pub type Metrics = indexmap::IndexMap<String, f64>;
 
 /// Rank of each query's best ground-truth item in its score row (0 = first).
 fn best_rank(scores: &[f32], truth: &[usize]) -> usize {

@@ -5,7 +5,7 @@
 use super::bert::{BertModel, CrossStates, Layout, Mode};
 use super::config::{BertConfig, ModelConfig};
 use super::heads::{cls, ClsHead};
-use super::momentum::Ema;
+use super::momentum::{Ema, Teacher};
 use super::vit::VisionTransformer;
 use crate::nn::{cross_entropy, soft_cross_entropy_per_row, softmax, ParamBuilder, ParamStore};
 use candle_core::{Device, Result, Tensor};
@@ -73,8 +73,7 @@ pub struct ClassifierModel {
     pub cfg: ModelConfig,
     pub kind: ClassifierKind,
     online: Branch,
-    teacher: Option<Branch>,
-    pub ema: Option<Ema>,
+    teacher: Option<Teacher<Branch>>,
 }
 
 impl ClassifierModel {
@@ -82,15 +81,16 @@ impl ClassifierModel {
         let store = ParamStore::new(device, seed);
         store.set_init_std(cfg.init_std);
         let online = Branch::new(&store.root(true), cfg, kind, "")?;
-        let (teacher, ema) = if cfg.distill {
-            let t = Branch::new(&store.root(false), cfg, kind, "_m")?;
-            let ema = Ema::from_store(&store, cfg.momentum)?;
-            ema.copy()?;
-            (Some(t), Some(ema))
-        } else {
-            (None, None)
-        };
-        Ok(Self { store, cfg: cfg.clone(), kind, online, teacher, ema })
+        let teacher = cfg
+            .distill
+            .then(|| Teacher::build(&store, cfg.momentum, |pb, suffix| Branch::new(pb, cfg, kind, suffix)))
+            .transpose()?;
+        Ok(Self { store, cfg: cfg.clone(), kind, online, teacher })
+    }
+
+    /// The teacher's EMA, when the model distils.
+    pub fn ema(&self) -> Option<&Ema> {
+        self.teacher.as_ref().map(|t| &t.ema)
     }
 
     /// Class logits (B, C). For NLVR2 `image` is (2B, 3, R, R): all left images, then all right.
@@ -110,14 +110,14 @@ impl ClassifierModel {
     ) -> Result<Tensor> {
         let logits = self.online.logits(image, ids, mask, self.kind, train)?;
         let ce = cross_entropy(&logits, targets)?;
-        match (&self.teacher, &self.ema) {
-            (Some(teacher), Some(ema)) => {
+        match &self.teacher {
+            Some(Teacher { branch: teacher, ema }) => {
                 ema.update()?;
                 let soft = softmax(&teacher.logits(image, ids, mask, self.kind, train)?)?;
                 let kd = soft_cross_entropy_per_row(&logits, &soft)?.mean_all()?;
                 (ce * (1.0 - alpha))? + (kd * alpha)?
             }
-            _ => Ok(ce),
+            None => Ok(ce),
         }
     }
 }

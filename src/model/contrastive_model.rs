@@ -6,7 +6,7 @@ use super::bert::{BertModel, CrossStates, Layout, MlmHead, Mode};
 use super::config::ModelConfig;
 use super::contrastive::{identity_targets, idx_targets, itc, itm, negative_weights, ItcInputs, Negatives};
 use super::heads::cls;
-use super::momentum::{Ema, Queues};
+use super::momentum::{Ema, Queues, Teacher};
 use super::vit::VisionTransformer;
 use crate::nn::{
     cross_entropy, l2_normalize, soft_cross_entropy_per_row, softmax, Init, Linear, ParamBuilder, ParamStore,
@@ -93,10 +93,9 @@ pub struct ContrastiveModel {
     pub cfg: ModelConfig,
     pub objective: Objective,
     online: Encoders,
-    teacher: Encoders,
+    teacher: Teacher<Encoders>,
     pub itm_head: Linear,
     temp: Var,
-    pub ema: Ema,
     pub queues: Queues,
     mlm_probability: f64,
 }
@@ -112,22 +111,14 @@ impl ContrastiveModel {
         let itm_head = Linear::new(&pb.pp("itm_head"), cfg.bert.hidden_size, 2)?;
         // The reference builds the teacher even when `distill` is off (its features feed the ITC
         // keys and the queues), so it is always present here too.
-        let teacher = Encoders::new(&store.root(false), cfg, objective, "_m")?;
+        let teacher = Teacher::build(&store, cfg.momentum, |pb, suffix| Encoders::new(pb, cfg, objective, suffix))?;
         let queues = Queues::new(&pb, cfg.embed_dim, cfg.queue_size, objective == Objective::Retrieval)?;
-        let ema = Ema::from_store(&store, cfg.momentum)?;
-        ema.copy()?;
-        Ok(Self {
-            store,
-            cfg: cfg.clone(),
-            objective,
-            online,
-            teacher,
-            itm_head,
-            temp,
-            ema,
-            queues,
-            mlm_probability: 0.15,
-        })
+        Ok(Self { store, cfg: cfg.clone(), objective, online, teacher, itm_head, temp, queues, mlm_probability: 0.15 })
+    }
+
+    /// The teacher's EMA.
+    pub fn ema(&self) -> &Ema {
+        &self.teacher.ema
     }
 
     pub fn with_mlm_probability(mut self, p: f64) -> Self {
@@ -196,11 +187,11 @@ impl ContrastiveModel {
         let (text_embeds, text_feat) = self.online.text(ids, mask, train)?;
         let b = image_embeds.dim(0)?;
 
-        self.ema.update()?;
-        let (image_embeds_m, image_feat_m) = self.teacher.image(image)?;
+        self.teacher.ema.update()?;
+        let (image_embeds_m, image_feat_m) = self.teacher.branch.image(image)?;
         // The teacher runs in the same mode as the student (its dropout is active in training, as in
         // PyTorch, where `no_grad` does not switch dropout off).
-        let (_, text_feat_m) = self.teacher.text(ids, mask, train)?;
+        let (_, text_feat_m) = self.teacher.branch.text(ids, mask, train)?;
         let total = b + self.queues.size()?;
         let idx_host: Option<Vec<i64>> = idx.map(|t| t.to_vec1::<i64>()).transpose()?;
         let targets = match (self.objective, idx) {
@@ -259,9 +250,9 @@ impl ContrastiveModel {
                     Some(given) => given,
                     None => mask_tokens(ids, self.cfg.bert.vocab_size, self.mlm_probability, rng)?,
                 };
-                let teacher_head = self.teacher.mlm.as_ref().expect("teacher mirrors the online model");
+                let teacher_head = self.teacher.branch.mlm.as_ref().expect("teacher mirrors the online model");
                 let cross_m = [CrossStates::image(&image_embeds_m)];
-                let logits_m = teacher_head.forward(&self.teacher.text.forward_ids(
+                let logits_m = teacher_head.forward(&self.teacher.branch.text.forward_ids(
                     &mlm_ids,
                     mask,
                     &cross_m,

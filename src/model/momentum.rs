@@ -3,6 +3,27 @@
 use crate::nn::{Init, ParamBuilder, ParamStore};
 use candle_core::{DType, Result, Tensor, Var};
 
+/// A momentum copy of a model branch with the EMA that keeps it, built the same way for every
+/// model: `build(frozen root, "_m")` makes the `*_m` parameters, which are then paired with their
+/// online twins and set to them (`copy_params()` in the reference's `__init__`).
+pub struct Teacher<B> {
+    pub branch: B,
+    pub ema: Ema,
+}
+
+impl<B> Teacher<B> {
+    pub fn build(
+        store: &ParamStore,
+        momentum: f64,
+        build: impl FnOnce(&ParamBuilder, &str) -> Result<B>,
+    ) -> Result<Self> {
+        let branch = build(&store.root(false), "_m")?;
+        let ema = Ema::from_store(store, momentum)?;
+        ema.copy()?;
+        Ok(Self { branch, ema })
+    }
+}
+
 /// Pairs of (online, momentum) parameters, matched by name: `X.rest` ↔ `X_m.rest`.
 #[derive(Clone, Debug)]
 pub struct Ema {

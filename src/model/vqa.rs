@@ -3,9 +3,10 @@
 
 use super::bert::{BertModel, CrossStates, Layout, MlmHead, Mode};
 use super::config::{BertConfig, ModelConfig};
-use super::momentum::Ema;
+use super::momentum::{Ema, Teacher};
 use super::vit::VisionTransformer;
 use crate::nn::{cross_entropy_per_row, soft_cross_entropy_per_row, softmax, ParamBuilder, ParamStore};
+use crate::util::topk_indices;
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 struct Branch {
@@ -76,8 +77,7 @@ pub struct VqaModel {
     pub store: ParamStore,
     pub cfg: ModelConfig,
     online: Branch,
-    teacher: Option<Branch>,
-    pub ema: Option<Ema>,
+    teacher: Option<Teacher<Branch>>,
 }
 
 /// Output of answer ranking for a batch of questions.
@@ -96,15 +96,16 @@ impl VqaModel {
         let store = ParamStore::new(device, seed);
         store.set_init_std(cfg.init_std);
         let online = Branch::new(&store.root(true), cfg, "")?;
-        let (teacher, ema) = if cfg.distill {
-            let t = Branch::new(&store.root(false), cfg, "_m")?;
-            let ema = Ema::from_store(&store, cfg.momentum)?;
-            ema.copy()?;
-            (Some(t), Some(ema))
-        } else {
-            (None, None)
-        };
-        Ok(Self { store, cfg: cfg.clone(), online, teacher, ema })
+        let teacher = cfg
+            .distill
+            .then(|| Teacher::build(&store, cfg.momentum, |pb, suffix| Branch::new(pb, cfg, suffix)))
+            .transpose()?;
+        Ok(Self { store, cfg: cfg.clone(), online, teacher })
+    }
+
+    /// The teacher's EMA, when the model distils.
+    pub fn ema(&self) -> Option<&Ema> {
+        self.teacher.as_ref().map(|t| &t.ema)
     }
 
     pub fn image_embeds(&self, image: &Tensor) -> Result<Tensor> {
@@ -137,8 +138,8 @@ impl VqaModel {
         let m_rep = repeat_rows(q_mask, counts)?;
         let logits = self.online.answer_logits(a_ids, a_mask, &q_rep, &m_rep, train)?;
         let (nll, shifted, valid) = answer_nll(&logits, a_ids)?;
-        let loss = match (&self.teacher, &self.ema) {
-            (Some(teacher), Some(ema)) => {
+        let loss = match &self.teacher {
+            Some(Teacher { branch: teacher, ema }) => {
                 ema.update()?;
                 let q_m = repeat_rows(&teacher.question_states(image, q_ids, q_mask, train)?, counts)?;
                 let logits_m = teacher.answer_logits(a_ids, a_mask, &q_m, &m_rep, train)?;
@@ -147,7 +148,7 @@ impl VqaModel {
                 let kd = soft_cross_entropy_per_row(&shifted, &soft)?.reshape((a, la - 1))?.mul(&valid)?.sum(1)?;
                 ((nll * (1.0 - alpha))? + (kd * alpha)?)?
             }
-            _ => nll,
+            None => nll,
         };
         loss.mul(weights)?.sum_all()? / b as f64
     }
@@ -210,13 +211,4 @@ impl VqaModel {
         }
         Ok(Ranking { ids, probs, first_token_logits })
     }
-}
-
-/// Indices of the k largest values, largest first (ties: lower index first, as torch.topk on CPU
-/// usually returns).
-pub fn topk_indices(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].partial_cmp(&values[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
 }

@@ -1,22 +1,25 @@
 //! SNLI-VE (`VE.py`) and NLVR2 (`NLVR.py`): fine-tune a classifier over fused image-text states
 //! and report accuracy per split, with per-example predictions.
 
-use crate::checkpoint::Task;
-use crate::config::TaskConfig;
+use super::harness::{self, Ctx, Outcome, Report, Setup, TaskSpec};
+use super::{default_teacher_init, RunOptions, TeacherInit};
+use crate::config::{ClassifyData, NlvrKeys, TaskKeys, VeKeys};
 use crate::data::classify::{ClassifyDataset, ClassifySample, Format};
 use crate::data::loader::{Dataset, Loader, LoaderConfig};
-use crate::data::retrieval::{check_images_exist, ImageRef};
-use crate::data::{Padding, Tokenizer};
-use crate::eval::retrieval::Metrics;
-use crate::model::{ClassifierKind, ClassifierModel};
-use crate::tasks::{default_teacher_init, load_checkpoint, RunOptions, TaskModel, TeacherInit};
-use crate::train::fit::{fit, load_best, prefixed, print_metrics, FitConfig, FitEnd};
-use crate::train::optim::AdamW;
+use crate::data::retrieval::ImageRef;
+use crate::data::{image_batch, Padding, Tokenizer};
+use crate::model::{ClassifierKind, ClassifierModel, ModelConfig};
+use crate::progress::Progress;
+use crate::task::Task;
+use crate::train::fit::{prefixed, print_metrics};
 use crate::train::run::RunDir;
-use crate::train::{LoopConfig, Progress};
-use anyhow::{Context, Result};
+use crate::train::Losses;
+use crate::util::Metrics;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
 use serde_json::json;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -29,25 +32,11 @@ pub struct ClassifyOptions {
     pub teacher_from_checkpoint: bool,
 }
 
-fn kind_and_format(task: Task) -> Result<(ClassifierKind, Format)> {
-    match task {
-        Task::Ve => Ok((ClassifierKind::VisualEntailment, Format::SnliVe)),
-        Task::Nlvr => Ok((ClassifierKind::Nlvr2, Format::Nlvr2)),
-        other => anyhow::bail!("{other:?} is not a classification task"),
-    }
-}
-
 /// Images of a batch as the model takes them: (B, 3, R, R), or for NLVR2 all first images then
 /// all second images (2B, 3, R, R).
 fn batch_images(batch: &[ClassifySample], res: usize, dev: &Device) -> Result<Tensor> {
     let per = batch.first().map_or(1, |s| s.pixels.len());
-    let mut flat = Vec::with_capacity(batch.len() * per * 3 * res * res);
-    for slot in 0..per {
-        for s in batch {
-            flat.extend_from_slice(&s.pixels[slot]);
-        }
-    }
-    Ok(Tensor::from_vec(flat, (batch.len() * per, 3, res, res), dev)?)
+    image_batch((0..per).flat_map(|slot| batch.iter().map(move |s| s.pixels[slot].as_slice())), res, dev)
 }
 
 fn batch_text(tokenizer: &Tokenizer, batch: &[ClassifySample], dev: &Device) -> Result<(Tensor, Tensor)> {
@@ -102,106 +91,137 @@ fn write_predictions(run: &RunDir, name: &str, split: &ClassifyDataset, preds: &
 }
 
 pub fn run(opts: &ClassifyOptions) -> Result<serde_json::Value> {
-    let (kind, format) = kind_and_format(opts.task)?;
-    let cfg = TaskConfig::from_yaml_file(&opts.run.config)?;
-    // NLVR.yaml has one `batch_size`; VE.yaml has train/test sizes.
-    let (train_bs_key, test_bs_key) = if cfg.extra.contains_key("batch_size") {
-        ("batch_size", "batch_size")
-    } else {
-        ("batch_size_train", "batch_size_test")
-    };
-    let mut required = vec!["val_file", "test_file", "image_root", "image_res", test_bs_key];
-    if !opts.run.evaluate {
-        required.extend(["train_file", train_bs_key, "optimizer", "schedular", "alpha"]);
+    match opts.task {
+        Task::Ve => harness::run::<Classify<Ve>>(&opts.run, opts.teacher_from_checkpoint),
+        Task::Nlvr => harness::run::<Classify<Nlvr>>(&opts.run, opts.teacher_from_checkpoint),
+        other => bail!("{other} is not a classification task"),
     }
-    cfg.require(&opts.run.config, &required)?;
-    let model_cfg = cfg.model_config()?;
-    let res = model_cfg.vision.image_res;
-    let image_root = PathBuf::from(cfg.str("image_root")?);
-    let tokenizer = Tokenizer::from_path(&opts.run.text_encoder)?;
-    let files = |key: &str| -> Result<Vec<PathBuf>> { cfg.strings(key)?.iter().map(|p| cfg.resolve(p)).collect() };
-    let val = Arc::new(ClassifyDataset::new(&files("val_file")?, &image_root, format, res, false)?);
-    let test = Arc::new(ClassifyDataset::new(&files("test_file")?, &image_root, format, res, false)?);
-    let train = if opts.run.evaluate {
-        None
-    } else {
-        Some(Arc::new(ClassifyDataset::new(&files("train_file")?, &image_root, format, res, true)?))
-    };
-    let mut images: Vec<&ImageRef> = val.images().chain(test.images()).collect();
-    if let Some(t) = &train {
-        images.extend(t.images());
-    }
-    check_images_exist(images)?;
+}
 
-    let task_model = TaskModel::new(opts.task, &model_cfg, &opts.run.device, opts.run.seed)?;
-    if let Some(ckpt) = &opts.run.checkpoint {
-        let teacher =
-            if opts.teacher_from_checkpoint { TeacherInit::FromLoaded } else { default_teacher_init(opts.task) };
-        eprint!("{}", load_checkpoint(&task_model, opts.task, &model_cfg, ckpt, opts.run.evaluate, teacher)?);
-    }
-    let TaskModel::Classifier(model) = task_model else { unreachable!("{kind:?} builds a classifier") };
-    let run_dir = RunDir::create(&opts.run.output_dir)?;
-    run_dir.write_text("config.yaml", &serde_norway::to_string(&cfg)?)?;
-    let batch_test = cfg.usize(test_bs_key)?;
-    let task_name = format!("{:?}", opts.task).to_lowercase();
+/// What differs between the two classification tasks.
+pub trait Variant {
+    const TASK: Task;
+    const KIND: ClassifierKind;
+    const FORMAT: Format;
+    type Keys: TaskKeys<Data = ClassifyData>;
+    fn test_batch(keys: &Self::Keys) -> usize;
+}
 
-    let finish = |run_dir: &RunDir, val_m: Metrics, epoch_record: Option<usize>| -> Result<serde_json::Value> {
-        let (test_m, preds) = evaluate(&model, test.clone(), &tokenizer, batch_test, opts.run.workers, "test")?;
-        print_metrics("test", &test_m);
-        write_predictions(run_dir, "test", &test, &preds, format)?;
-        let mut record = prefixed("val", &val_m);
-        record.extend(prefixed("test", &test_m));
-        if let Some(e) = epoch_record {
+pub struct Ve;
+pub struct Nlvr;
+
+impl Variant for Ve {
+    const TASK: Task = Task::Ve;
+    const KIND: ClassifierKind = ClassifierKind::VisualEntailment;
+    const FORMAT: Format = Format::SnliVe;
+    type Keys = VeKeys;
+    fn test_batch(keys: &VeKeys) -> usize {
+        keys.batch_size_test
+    }
+}
+
+impl Variant for Nlvr {
+    const TASK: Task = Task::Nlvr;
+    const KIND: ClassifierKind = ClassifierKind::Nlvr2;
+    const FORMAT: Format = Format::Nlvr2;
+    type Keys = NlvrKeys;
+    /// NLVR.yaml's one `batch_size` serves every loader.
+    fn test_batch(keys: &NlvrKeys) -> usize {
+        keys.batch_size
+    }
+}
+
+pub struct Classify<V> {
+    val: Arc<ClassifyDataset>,
+    test: Arc<ClassifyDataset>,
+    train: Option<Arc<ClassifyDataset>>,
+    batch_test: usize,
+    variant: PhantomData<V>,
+}
+
+impl<V: Variant> Classify<V> {
+    fn evaluate(&self, ctx: &Ctx<ClassifierModel>, split: &Arc<ClassifyDataset>, name: &str) -> Result<Metrics> {
+        let (m, preds) = evaluate(ctx.model, split.clone(), ctx.tokenizer, self.batch_test, ctx.workers, name)?;
+        print_metrics(name, &m);
+        write_predictions(ctx.run, name, split, &preds, V::FORMAT)?;
+        Ok(m)
+    }
+}
+
+impl<V: Variant> TaskSpec for Classify<V> {
+    const TASK: Task = V::TASK;
+    const SELECT: Option<&'static str> = Some("acc");
+    type Keys = V::Keys;
+    /// `--teacher-from-checkpoint`.
+    type Options = bool;
+    type Model = ClassifierModel;
+    type Train = ClassifyDataset;
+
+    fn build_model(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<ClassifierModel> {
+        Ok(ClassifierModel::new(cfg, V::KIND, device, seed)?)
+    }
+
+    fn teacher_init(teacher_from_checkpoint: &bool) -> TeacherInit {
+        if *teacher_from_checkpoint {
+            TeacherInit::FromLoaded
+        } else {
+            default_teacher_init(V::TASK)
+        }
+    }
+
+    fn new(_: bool, s: &Setup<V::Keys>) -> Result<Self> {
+        let data = &s.cfg.data;
+        let res = s.model_cfg.vision.image_res;
+        let root = PathBuf::from(&data.image_root);
+        let read = |files: &[PathBuf], augment: bool| -> Result<Arc<ClassifyDataset>> {
+            Ok(Arc::new(ClassifyDataset::new(files, &root, V::FORMAT, res, augment)?))
+        };
+        let val = read(&s.cfg.files(&data.val_file)?, false)?;
+        let test = read(&s.cfg.files(&data.test_file)?, false)?;
+        let train = s.training.map(|t| read(&s.cfg.files(&t.train_file)?, true)).transpose()?;
+        Ok(Self { val, test, train, batch_test: V::test_batch(&s.cfg.task), variant: PhantomData })
+    }
+
+    fn images(&self) -> Vec<&ImageRef> {
+        self.val.images().chain(self.test.images()).chain(self.train.iter().flat_map(|t| t.images())).collect()
+    }
+
+    fn train_set(&self) -> Option<Arc<ClassifyDataset>> {
+        self.train.clone()
+    }
+
+    fn step(
+        &self,
+        ctx: &Ctx<ClassifierModel>,
+        batch: Vec<ClassifySample>,
+        alpha: f64,
+        _: &mut StdRng,
+    ) -> Result<Losses> {
+        let dev = ctx.device;
+        let (ids, mask) = batch_text(ctx.tokenizer, &batch, dev)?;
+        let targets = Tensor::from_vec(batch.iter().map(|s| s.label).collect::<Vec<i64>>(), batch.len(), dev)?;
+        let images = batch_images(&batch, ctx.model.cfg.vision.image_res, dev)?;
+        Ok(vec![("loss", ctx.model.forward_train(&images, &ids, &mask, &targets, alpha, true)?)])
+    }
+
+    fn validate(&self, ctx: &Ctx<ClassifierModel>) -> Result<Option<Metrics>> {
+        Ok(Some(evaluate(ctx.model, self.val.clone(), ctx.tokenizer, self.batch_test, ctx.workers, "val")?.0))
+    }
+
+    fn finish(&self, ctx: &Ctx<ClassifierModel>, outcome: Outcome) -> Result<Report> {
+        let (val, best_epoch) = match outcome {
+            Outcome::Evaluate => (self.evaluate(ctx, &self.val, "val")?, None),
+            Outcome::Trained { best_epoch, best_val } => match best_val {
+                Some(v) => (v, best_epoch),
+                None => bail!("no validation result after training"),
+            },
+        };
+        let test = self.evaluate(ctx, &self.test, "test")?;
+        let mut record = prefixed("val", &val);
+        record.extend(prefixed("test", &test));
+        if let Some(e) = best_epoch {
             record.insert("best_epoch".into(), json!(e));
         }
-        run_dir.log(&serde_json::Value::Object(record))?;
-        let out = json!({"val": val_m, "test": test_m});
-        run_dir.write_json("metrics.json", &out)?;
-        Ok(out)
-    };
-
-    if opts.run.evaluate {
-        let (val_m, preds) = evaluate(&model, val.clone(), &tokenizer, batch_test, opts.run.workers, "val")?;
-        print_metrics("val", &val_m);
-        write_predictions(&run_dir, "val", &val, &preds, format)?;
-        return finish(&run_dir, val_m, None);
-    }
-    let train = train.expect("built when training");
-    let loop_cfg = LoopConfig::from_config(&cfg, opts.run.seed)?;
-    let mut optimizer = AdamW::from_config(&model.store, &cfg)?;
-    let loader_cfg = LoaderConfig::train(cfg.usize(train_bs_key)?, opts.run.seed).workers(opts.run.workers);
-    let loader = Loader::new(train.clone(), loader_cfg);
-    let dev = opts.run.device.clone();
-    let fit_cfg = FitConfig {
-        run: &run_dir,
-        loop_cfg: &loop_cfg,
-        resume: opts.run.resume,
-        task: &task_name,
-        epochs: loop_cfg.schedule.epochs,
-        stop_after_epoch: opts.run.stop_after_epoch,
-        select: Some("acc"),
-    };
-    let end = fit(
-        &fit_cfg,
-        &model.store,
-        &mut optimizer,
-        &loader,
-        |batch: Vec<ClassifySample>, alpha, _rng| {
-            let (ids, mask) = batch_text(&tokenizer, &batch, &dev)?;
-            let targets = Tensor::from_vec(batch.iter().map(|s| s.label).collect::<Vec<i64>>(), batch.len(), &dev)?;
-            Ok(vec![(
-                "loss",
-                model.forward_train(&batch_images(&batch, res, &dev)?, &ids, &mask, &targets, alpha, true)?,
-            )])
-        },
-        |_| Ok(Some(evaluate(&model, val.clone(), &tokenizer, batch_test, opts.run.workers, "val")?.0)),
-    )?;
-    match end {
-        FitEnd::Stopped(n) => Ok(json!({"stopped_after_epoch": n})),
-        FitEnd::Finished { state, best_val } => {
-            load_best(&run_dir, &model.store)?;
-            let val_m = best_val.context("validation ran every epoch")?;
-            finish(&run_dir, val_m, state.best_epoch)
-        }
+        Ok(Report { metrics: json!({"val": val, "test": test}), log: Some(record) })
     }
 }

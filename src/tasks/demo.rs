@@ -4,11 +4,11 @@
 
 use crate::checkpoint::read_checkpoint;
 use crate::data::synth::{generate, vocab_size, SynthConfig};
-use crate::eval::retrieval::Metrics;
 use crate::report::{line_chart, metrics_table, Series};
 use crate::tasks::retrieval::{run as run_retrieval, RetrievalOptions};
 use crate::tasks::RunOptions;
 use crate::util::write_atomic;
+use crate::util::Metrics;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use serde_json::Value;
@@ -221,7 +221,7 @@ fn write_report(
         let image = entry["image"].as_str().unwrap_or("");
         let name = Path::new(image).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         std::fs::copy(data.join(image), out.join("examples").join(&name))?;
-        let top = crate::model::vqa::topk_indices(&i2t[i], 3);
+        let top = crate::util::topk_indices(&i2t[i], 3);
         examples.push_str(&format!("![test image {i}](examples/{name})\n\n"));
         for (rank, t) in top.iter().enumerate() {
             let (owner, caption) = &texts[*t];

@@ -1,17 +1,18 @@
-//! Task assembly: build the model a task needs and load a checkpoint into it the way the
-//! reference script for that task does.
+//! The tasks: one module per reference script, each holding only what is specific to it (its
+//! datasets, its batch step, its validation and its outputs). [`harness`] does the rest.
 
 pub mod classify;
 pub mod demo;
+pub mod harness;
 pub mod nlvr_pretrain;
 pub mod retrieval;
 pub mod vqa;
 
-use crate::checkpoint::{classify, load_into, read_checkpoint, remap, CheckpointKind, KeyReport, StateDict, Task};
+use crate::checkpoint::{classify, load_into, read_checkpoint, remap, CheckpointKind, KeyReport, StateDict};
 use crate::model::{
-    ClassifierKind, ClassifierModel, ContrastiveModel, ModelConfig, Objective, TextAssignModel, VqaModel,
+    ClassifierKind, ClassifierModel, ContrastiveModel, ModelConfig, Objective, TaskModel, TextAssignModel, VqaModel,
 };
-use crate::nn::ParamStore;
+use crate::task::Task;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use std::collections::BTreeMap;
@@ -55,47 +56,16 @@ impl RunOptions {
     }
 }
 
-/// Any of the task models.
-pub enum TaskModel {
-    Contrastive(ContrastiveModel),
-    Vqa(VqaModel),
-    Classifier(ClassifierModel),
-    TextAssign(TextAssignModel),
-}
-
-impl TaskModel {
-    pub fn new(task: Task, cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
-        Ok(match task {
-            Task::Pretrain => Self::Contrastive(ContrastiveModel::new(cfg, Objective::Pretrain, device, seed)?),
-            Task::Retrieval | Task::Grounding => {
-                Self::Contrastive(ContrastiveModel::new(cfg, Objective::Retrieval, device, seed)?)
-            }
-            Task::Vqa => Self::Vqa(VqaModel::new(cfg, device, seed)?),
-            Task::Ve => Self::Classifier(ClassifierModel::new(cfg, ClassifierKind::VisualEntailment, device, seed)?),
-            Task::Nlvr => Self::Classifier(ClassifierModel::new(cfg, ClassifierKind::Nlvr2, device, seed)?),
-            Task::NlvrPretrain => Self::TextAssign(TextAssignModel::new(cfg, device, seed)?),
-        })
-    }
-
-    pub fn store(&self) -> &ParamStore {
-        match self {
-            Self::Contrastive(m) => &m.store,
-            Self::Vqa(m) => &m.store,
-            Self::Classifier(m) => &m.store,
-            Self::TextAssign(m) => &m.store,
-        }
-    }
-
-    /// Teacher ← student (`copy_params`), where the model has a teacher.
-    pub fn copy_teacher(&self) -> Result<()> {
-        match self {
-            Self::Contrastive(m) => m.ema.copy()?,
-            Self::Vqa(m) => m.ema.as_ref().map(|e| e.copy()).transpose().map(|_| ())?,
-            Self::Classifier(m) => m.ema.as_ref().map(|e| e.copy()).transpose().map(|_| ())?,
-            Self::TextAssign(_) => {}
-        }
-        Ok(())
-    }
+/// The model a task trains, for callers that only know the task (`checkpoint inspect`).
+pub fn build_model(task: Task, cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Box<dyn TaskModel>> {
+    Ok(match task {
+        Task::Pretrain => Box::new(ContrastiveModel::new(cfg, Objective::Pretrain, device, seed)?),
+        Task::Retrieval | Task::Grounding => Box::new(ContrastiveModel::new(cfg, Objective::Retrieval, device, seed)?),
+        Task::Vqa => Box::new(VqaModel::new(cfg, device, seed)?),
+        Task::Ve => Box::new(ClassifierModel::new(cfg, ClassifierKind::VisualEntailment, device, seed)?),
+        Task::Nlvr => Box::new(ClassifierModel::new(cfg, ClassifierKind::Nlvr2, device, seed)?),
+        Task::NlvrPretrain => Box::new(TextAssignModel::new(cfg, device, seed)?),
+    })
 }
 
 /// How the teacher is set when the checkpoint has no momentum weights.
@@ -117,38 +87,47 @@ pub fn default_teacher_init(task: Task) -> TeacherInit {
     }
 }
 
-/// Reads `path`, applies `task`'s remap (`evaluate` as the script's `--evaluate`) and loads it.
-pub fn load_checkpoint(
-    model: &TaskModel,
-    task: Task,
-    cfg: &ModelConfig,
-    path: &Path,
-    evaluate: bool,
-    teacher: TeacherInit,
-) -> Result<KeyReport> {
-    let ckpt = read_checkpoint(path, model.store().device())?;
-    let kind = classify(&ckpt);
-    if kind == CheckpointKind::Other {
-        bail!(
+/// Refuses a checkpoint that cannot initialise `task`'s model, explaining why.
+fn check_kind(path: &Path, kind: &CheckpointKind, task: Task) -> Result<()> {
+    let source = match kind {
+        CheckpointKind::Other => bail!(
             "{} is {kind}; expected an ALBEF checkpoint (ALBEF.pth, a fine-tuned file or one albef wrote)",
             path.display()
-        );
+        ),
+        CheckpointKind::Pretraining { .. } => Task::Pretrain,
+        CheckpointKind::Ours { task } => *task,
+        CheckpointKind::FineTuned { task: Some(t), .. } => *t,
+        CheckpointKind::FineTuned { task: None, .. } => return Ok(()),
+    };
+    if task.accepts_checkpoint_of(source) {
+        return Ok(());
     }
-    if let CheckpointKind::FineTuned { task: Some(t), .. } = &kind {
-        let compatible =
-            *t == task || matches!((t, task), (Task::Retrieval, Task::Grounding) | (Task::NlvrPretrain, Task::Nlvr));
-        if !compatible {
-            bail!("{} is a fine-tuned {t:?} checkpoint; it cannot initialise a {task:?} model (use a pre-training checkpoint such as ALBEF.pth)", path.display());
-        }
-    }
-    if task == Task::Nlvr && matches!(kind, CheckpointKind::Pretraining { .. }) {
+    if task == Task::Nlvr && source == Task::Pretrain {
         bail!(
             "{} is {kind}; NLVR2 fine-tuning starts from the text-assignment checkpoint (the output of \
              `albef nlvr-pretrain`, or the released pretrain_model_nlvr.pth)",
             path.display()
         );
     }
-    let (sd, notes): (StateDict, Vec<String>) = remap(task, ckpt.tensors, evaluate, cfg.bert.fusion_layer);
+    bail!(
+        "{} is {kind}; it cannot initialise a {task:?} model (use a pre-training checkpoint such as ALBEF.pth)",
+        path.display()
+    )
+}
+
+/// Reads `path`, applies `task`'s remap (`evaluate` as the script's `--evaluate`) and loads it.
+pub fn load_checkpoint(
+    model: &dyn TaskModel,
+    task: Task,
+    path: &Path,
+    evaluate: bool,
+    teacher: TeacherInit,
+) -> Result<KeyReport> {
+    let ckpt = read_checkpoint(path, model.store().device())?;
+    let kind = classify(&ckpt);
+    check_kind(path, &kind, task)?;
+    let fusion_layer = model.config().bert.fusion_layer;
+    let (sd, notes): (StateDict, Vec<String>) = remap(task, ckpt.tensors, evaluate, fusion_layer);
     let mut report = load_into(model.store(), &sd)?;
     report.notes.insert(0, format!("{}: {kind}", path.display()));
     report.notes.extend(notes);
@@ -166,11 +145,11 @@ pub fn load_checkpoint(
     Ok(report)
 }
 
-/// Saves a model as safetensors (atomically), tagged with the task so `inspect` recognises it.
-pub fn save_model(model: &TaskModel, task: Task, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
+/// Saves a model as safetensors (atomically), tagged with its task so that loading it into
+/// another task's model is refused.
+pub fn save_model(model: &dyn TaskModel, task: Task, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
     let tensors: StateDict = model.store().named_tensors().into_iter().collect();
-    let mut meta = extra.clone();
-    meta.insert("albef_task".into(), format!("{task:?}").to_lowercase());
-    meta.insert("albef_version".into(), env!("CARGO_PKG_VERSION").into());
+    let mut meta = crate::checkpoint::albef_metadata(task);
+    meta.extend(extra.clone());
     crate::checkpoint::save_safetensors(&tensors, &meta, path)
 }

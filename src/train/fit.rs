@@ -5,8 +5,9 @@ use super::optim::AdamW;
 use super::run::{RunDir, TrainState, BEST, LAST};
 use super::{train_epoch, LoopConfig, Losses};
 use crate::data::loader::{Dataset, Loader};
-use crate::eval::retrieval::Metrics;
 use crate::nn::ParamStore;
+use crate::task::Task;
+use crate::util::Metrics;
 use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 use serde_json::json;
@@ -16,8 +17,8 @@ pub struct FitConfig<'a> {
     pub loop_cfg: &'a LoopConfig,
     /// Continue from `checkpoint_last` (model, optimizer, epochs done).
     pub resume: bool,
-    /// Tag written into checkpoints (`albef_task`).
-    pub task: &'a str,
+    /// Written into checkpoints (`albef_task`).
+    pub task: Task,
     pub epochs: usize,
     pub stop_after_epoch: Option<usize>,
     /// Validation metric that picks `checkpoint_best` (higher is better); without validation the

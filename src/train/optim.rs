@@ -23,13 +23,6 @@ pub struct AdamW {
     pub step: u64,
 }
 
-/// The YAML `optimizer:` block. Only `weight_decay` is read: the schedule's `lr` drives the
-/// rate (as in the reference, whose scheduler overwrites the optimizer's).
-#[derive(Clone, Debug, serde::Deserialize)]
-pub struct OptimizerConfig {
-    pub weight_decay: f64,
-}
-
 pub fn decays(name: &str, rank: usize) -> bool {
     !(rank == 1 || name.ends_with(".bias"))
 }
@@ -47,11 +40,6 @@ impl AdamW {
             })
             .collect::<Result<_>>()?;
         Ok(Self { slots, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0 })
-    }
-
-    /// From a task config's `optimizer:` block.
-    pub fn from_config(store: &ParamStore, cfg: &crate::config::TaskConfig) -> Result<Self> {
-        Self::new(store, cfg.block::<OptimizerConfig>("optimizer")?.weight_decay)
     }
 
     /// One update with learning rate `lr`; parameters without a gradient are left alone.

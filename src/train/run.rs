@@ -1,14 +1,14 @@
 //! A run's output folder: `log.txt` (one JSON object per epoch, like the reference), the resolved
 //! config, `metrics.json`, and checkpoints written atomically, with what resuming needs.
 
-use crate::checkpoint::{read_checkpoint, save_safetensors, StateDict};
+use crate::checkpoint::{albef_metadata, read_checkpoint, save_safetensors, StateDict};
 use crate::nn::ParamStore;
+use crate::task::Task;
 use crate::train::optim::AdamW;
 use crate::util::write_atomic;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -63,7 +63,7 @@ impl RunDir {
     pub fn save_checkpoint(
         &self,
         name: &str,
-        task: &str,
+        task: Task,
         store: &ParamStore,
         optimizer: Option<&AdamW>,
         state: &TrainState,
@@ -72,9 +72,7 @@ impl RunDir {
         if let Some(opt) = optimizer {
             tensors.extend(opt.state());
         }
-        let mut meta = BTreeMap::new();
-        meta.insert("albef_task".to_string(), task.to_string());
-        meta.insert("albef_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+        let mut meta = albef_metadata(task);
         meta.insert("albef_train_state".to_string(), serde_json::to_string(state)?);
         save_safetensors(&tensors, &meta, &self.file(name))
     }

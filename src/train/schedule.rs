@@ -1,30 +1,7 @@
 //! The reference's learning-rate schedule (timm `CosineLRScheduler` as ALBEF drives it, §7) and
 //! the distillation-weight ramp.
 
-use serde::{Deserialize, Serialize};
-
-/// The YAML `schedular:` block.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ScheduleConfig {
-    #[serde(default = "cosine")]
-    pub sched: String,
-    pub lr: f64,
-    pub epochs: usize,
-    pub min_lr: f64,
-    #[serde(default = "one")]
-    pub decay_rate: f64,
-    pub warmup_lr: f64,
-    pub warmup_epochs: usize,
-    #[serde(default)]
-    pub cooldown_epochs: usize,
-}
-
-fn cosine() -> String {
-    "cosine".into()
-}
-fn one() -> f64 {
-    1.0
-}
+use crate::config::ScheduleConfig;
 
 /// Iterations per scheduler step during warm-up: "warmup_epochs" counts blocks of 100.
 pub const WARMUP_BLOCK: usize = 100;
@@ -79,10 +56,10 @@ mod tests {
             lr: 1e-5,
             epochs: 5,
             min_lr: 1e-6,
-            decay_rate: 1.0,
+            decay_rate: Some(1.0),
             warmup_lr: 1e-5,
             warmup_epochs: 1,
-            cooldown_epochs: 0,
+            cooldown_epochs: Some(0),
         }
     }
 

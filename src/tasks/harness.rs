@@ -1,0 +1,181 @@
+//! The one set-up every task run shares: typed config → tokenizer → datasets (all read and every
+//! image checked before any output exists) → model + checkpoint (key report) → run folder →
+//! optimizer, loader, [`fit`] → best checkpoint → final evaluation → `metrics.json` and `log.txt`.
+//! A task supplies only what is its own, through [`TaskSpec`].
+
+use super::{load_checkpoint, RunOptions, TeacherInit};
+use crate::config::{Config, TaskKeys, Training};
+use crate::data::loader::{Dataset, Loader, LoaderConfig};
+use crate::data::retrieval::{check_images_exist, ImageRef};
+use crate::data::Tokenizer;
+use crate::model::{ModelConfig, TaskModel};
+use crate::task::Task;
+use crate::train::fit::{fit, load_best, FitConfig, FitEnd};
+use crate::train::optim::AdamW;
+use crate::train::run::RunDir;
+use crate::train::{LoopConfig, Losses};
+use crate::util::Metrics;
+use anyhow::{bail, Result};
+use candle_core::Device;
+use rand::rngs::StdRng;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// What a task is given when it reads its data.
+pub struct Setup<'a, K: TaskKeys> {
+    pub opts: &'a RunOptions,
+    pub cfg: &'a Config<K>,
+    pub model_cfg: &'a ModelConfig,
+    /// Present when training.
+    pub training: Option<&'a Training>,
+}
+
+/// What a task's steps are given.
+pub struct Ctx<'a, M> {
+    pub model: &'a M,
+    pub tokenizer: &'a Tokenizer,
+    pub device: &'a Device,
+    /// Loader worker threads (`--workers`).
+    pub workers: Option<usize>,
+    pub run: &'a RunDir,
+}
+
+/// How the run got to its final evaluation.
+pub enum Outcome {
+    /// `--evaluate`: the loaded checkpoint as it is.
+    Evaluate,
+    /// After training, with `checkpoint_best` loaded when the task validates.
+    Trained { best_epoch: Option<usize>, best_val: Option<Metrics> },
+}
+
+/// The final evaluation's results: `metrics.json`, and a record for `log.txt`.
+pub struct Report {
+    pub metrics: Value,
+    pub log: Option<serde_json::Map<String, Value>>,
+}
+
+/// One task: its config keys, its model, its data, its batch step and its evaluation.
+pub trait TaskSpec: Sized {
+    const TASK: Task;
+    /// The validation metric that picks `checkpoint_best` (higher is better); `None`: the task
+    /// does not validate and the last epoch is kept.
+    const SELECT: Option<&'static str>;
+    type Keys: TaskKeys;
+    /// The task's own flags.
+    type Options;
+    type Model: TaskModel;
+    type Train: Dataset;
+
+    fn build_model(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self::Model>;
+
+    /// Teacher initialisation when the checkpoint has no momentum weights.
+    fn teacher_init(_options: &Self::Options) -> TeacherInit {
+        TeacherInit::FromLoaded
+    }
+
+    /// Reads the task's datasets (the training set only when training).
+    fn new(options: Self::Options, setup: &Setup<Self::Keys>) -> Result<Self>;
+
+    /// Every image the datasets reference, checked to exist before anything is written.
+    fn images(&self) -> Vec<&ImageRef>;
+
+    /// The training set (read by [`TaskSpec::new`] when training).
+    fn train_set(&self) -> Option<Arc<Self::Train>>;
+
+    /// The losses of one training batch.
+    fn step(
+        &self,
+        ctx: &Ctx<Self::Model>,
+        batch: Vec<<Self::Train as Dataset>::Item>,
+        alpha: f64,
+        rng: &mut StdRng,
+    ) -> Result<Losses>;
+
+    /// Validation metrics after an epoch, when the task validates.
+    fn validate(&self, _ctx: &Ctx<Self::Model>) -> Result<Option<Metrics>> {
+        Ok(None)
+    }
+
+    /// The final evaluation and the task's output files.
+    fn finish(&self, ctx: &Ctx<Self::Model>, outcome: Outcome) -> Result<Report>;
+}
+
+/// Runs a task: trains (unless `--evaluate`) and evaluates. Returns what `metrics.json` holds.
+pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value> {
+    let training_run = !opts.evaluate;
+    let cfg = Config::<T::Keys>::load(&opts.config, training_run)?;
+    let model_cfg = cfg.model_config()?;
+    let training = if training_run { Some(cfg.training()?) } else { None };
+    let tokenizer = Tokenizer::from_path(&opts.text_encoder)?;
+    if tokenizer.vocab_size() != model_cfg.bert.vocab_size {
+        bail!(
+            "the tokenizer in {} has {} tokens but bert_config says vocab_size {}",
+            opts.text_encoder.display(),
+            tokenizer.vocab_size(),
+            model_cfg.bert.vocab_size
+        );
+    }
+    let teacher = T::teacher_init(&options);
+    let setup = Setup { opts, cfg: &cfg, model_cfg: &model_cfg, training: training.as_ref() };
+    let task = T::new(options, &setup)?;
+    check_images_exist(task.images())?;
+
+    let model = T::build_model(&model_cfg, &opts.device, opts.seed)?;
+    if let Some(ckpt) = &opts.checkpoint {
+        eprint!("{}", load_checkpoint(&model, T::TASK, ckpt, opts.evaluate, teacher)?);
+    }
+    let run = RunDir::create(&opts.output_dir)?;
+    run.write_text("config.yaml", &cfg.to_yaml()?)?;
+    let ctx = Ctx { model: &model, tokenizer: &tokenizer, device: &opts.device, workers: opts.workers, run: &run };
+
+    let outcome = match &training {
+        None => Outcome::Evaluate,
+        Some(training) => {
+            let train_set = match task.train_set() {
+                Some(t) => t,
+                None => bail!("the {} task read no training set", T::TASK),
+            };
+            let loop_cfg = LoopConfig::new(training, opts.seed);
+            let mut optimizer = AdamW::new(model.store(), training.optimizer.weight_decay)?;
+            let loader_cfg = LoaderConfig::train(training.batch_size, opts.seed).workers(opts.workers);
+            let loader = Loader::new(train_set, loader_cfg);
+            let fit_cfg = FitConfig {
+                run: &run,
+                loop_cfg: &loop_cfg,
+                resume: opts.resume,
+                task: T::TASK,
+                epochs: loop_cfg.schedule.epochs,
+                stop_after_epoch: opts.stop_after_epoch,
+                select: T::SELECT,
+            };
+            let end = fit(
+                &fit_cfg,
+                model.store(),
+                &mut optimizer,
+                &loader,
+                |batch, alpha, rng| task.step(&ctx, batch, alpha, rng),
+                |_epoch| task.validate(&ctx),
+            )?;
+            match end {
+                FitEnd::Stopped(n) => return Ok(json!({"stopped_after_epoch": n})),
+                FitEnd::Finished { state, best_val } => {
+                    let mut best_val = best_val;
+                    if T::SELECT.is_some() {
+                        load_best(&run, model.store())?;
+                        // A run resumed after its last epoch has no validation of this process.
+                        if best_val.is_none() {
+                            best_val = task.validate(&ctx)?;
+                        }
+                    }
+                    Outcome::Trained { best_epoch: state.best_epoch, best_val }
+                }
+            }
+        }
+    };
+    let report = task.finish(&ctx, outcome)?;
+    if let Some(record) = report.log {
+        run.log(&Value::Object(record))?;
+    }
+    run.write_json("metrics.json", &report.metrics)?;
+    Ok(report.metrics)
+}
