@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 /// What a check found.
 #[derive(Debug, Default)]
 pub struct CheckReport {
-    /// (annotation file, entries read)
-    pub files: Vec<(PathBuf, usize)>,
+    /// (annotation file, entries read, distinct images they name): NLVR2 entries name two
+    /// images each, and several sentences share a pair.
+    pub files: Vec<(PathBuf, usize, usize)>,
     pub images: usize,
     pub missing: Vec<String>,
     pub broken: Vec<String>,
@@ -107,6 +108,7 @@ fn check(cfg: &TaskConfig, path: &Path) -> Result<CheckReport> {
     let root = || -> Result<PathBuf> { Ok(PathBuf::from(cfg.str("image_root")?)) };
     for key in ["train_file", "val_file", "test_file"] {
         for file in files(cfg, key)? {
+            let mut entries = None;
             let found: Vec<ImageRef> = match (kind, key) {
                 ("retrieval", "train_file") => {
                     RetrievalTrain::new(std::slice::from_ref(&file), &root()?, res, 30)?.images().cloned().collect()
@@ -125,24 +127,24 @@ fn check(cfg: &TaskConfig, path: &Path) -> Result<CheckReport> {
                 }
                 ("nlvr", _) | ("ve", _) => {
                     let format = if kind == "nlvr" { Format::Nlvr2 } else { Format::SnliVe };
-                    ClassifyDataset::new(std::slice::from_ref(&file), &root()?, format, res, false)?
-                        .images()
-                        .cloned()
-                        .collect()
+                    let d = ClassifyDataset::new(std::slice::from_ref(&file), &root()?, format, res, false)?;
+                    entries = Some(d.examples.len());
+                    d.images().cloned().collect()
                 }
                 _ => {
                     let r = cfg.str("image_root").ok().map(PathBuf::from);
                     PretrainDataset::new(std::slice::from_ref(&file), r.as_deref(), res)?.images().cloned().collect()
                 }
             };
-            report.files.push((file, found.len()));
+            let distinct = found.iter().map(|im| &im.path).collect::<BTreeSet<_>>().len();
+            report.files.push((file, entries.unwrap_or(found.len()), distinct));
             images.extend(found);
         }
     }
     if kind == "vqa" {
         let list = cfg.resolve(&cfg.str("answer_list")?)?;
         let n = read_answer_list(&list)?.len();
-        report.files.push((list, n));
+        report.files.push((list, n, 0));
     }
     if report.files.is_empty() {
         bail!("{} names no annotation files (train_file, val_file, test_file)", path.display());
