@@ -172,7 +172,11 @@ fn nlvr2_and_snli_ve_from_json_lines() {
         load(&out.join("train.json"))[1],
         json!({"images": ["train/7/train-10171-0-img0.png", "train/7/train-10171-0-img1.png"], "sentence": "No dogs.", "label": "False"})
     );
-    assert_eq!(load(&out.join("val.json"))[0]["images"], json!(["dev/dev-850-0-img0.png", "dev/dev-850-0-img1.png"]));
+    // Relative to images/: dev/ sits beside it in the official layout.
+    assert_eq!(
+        load(&out.join("val.json"))[0]["images"],
+        json!(["../dev/dev-850-0-img0.png", "../dev/dev-850-0-img1.png"])
+    );
     std::fs::write(d.join("badlabel.json"), r#"{"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}"#)
         .unwrap();
     let e = format!("{:#}", nlvr2(&[("val".into(), d.join("badlabel.json"))], &d.join("o"), false).unwrap_err());
@@ -255,7 +259,7 @@ fn refcoco_from_refer_pickle_and_from_parquet() {
     );
     assert!(e.contains("bad.p"), "{e}");
 
-    // The parquet release.
+    // The parquet release (boxes as corners x1, y1, x2, y2).
     let mut bbox = ListBuilder::new(Float64Builder::new());
     let mut caps = ListBuilder::new(StringBuilder::new());
     for (b, c) in [([1.0, 2.0, 3.0, 4.0], vec!["a dog", "the brown dog"]), ([5.0, 6.0, 7.0, 8.0], vec!["cat on left"])]
@@ -285,12 +289,194 @@ fn refcoco_from_refer_pickle_and_from_parquet() {
     assert_eq!(
         load(&out.join("refcoco_val.json")),
         json!([
-        {"image": "train2014/COCO_train2014_000000000042.jpg", "text": "a dog", "ref_id": 10, "image_id": 42, "bbox": [1.0, 2.0, 3.0, 4.0]},
-        {"image": "train2014/COCO_train2014_000000000042.jpg", "text": "the brown dog", "ref_id": 10, "image_id": 42, "bbox": [1.0, 2.0, 3.0, 4.0]}])
+        {"image": "train2014/COCO_train2014_000000000042.jpg", "text": "a dog", "ref_id": 10, "image_id": 42, "bbox": [1.0, 2.0, 2.0, 2.0]},
+        {"image": "train2014/COCO_train2014_000000000042.jpg", "text": "the brown dog", "ref_id": 10, "image_id": 42, "bbox": [1.0, 2.0, 2.0, 2.0]}])
     );
     assert_eq!(load(&out.join("refcoco_testB.json"))[0]["text"], "cat on left");
     let bytes = std::fs::read(&pq).unwrap();
     std::fs::write(d.join("cut.parquet"), &bytes[..bytes.len() / 2]).unwrap();
     let e = format!("{:#}", from_parquet(&[d.join("cut.parquet")], "refcoco", &d.join("o2"), false).unwrap_err());
     assert!(e.contains("cut.parquet"), "{e}");
+}
+
+/// A parquet row: (ref_id, image_id, split, bbox, captions).
+type ParquetRow<'a> = (i64, i64, &'a str, [f64; 4], Vec<&'a str>);
+
+/// Writes a parquet file shaped like the `jxu124/refcoco*` release (the columns albef reads).
+fn write_refcoco_parquet(path: &Path, rows: &[ParquetRow]) {
+    use arrow_array::builder::{Float64Builder, ListBuilder, StringBuilder};
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let mut bbox = ListBuilder::new(Float64Builder::new());
+    let mut caps = ListBuilder::new(StringBuilder::new());
+    for (_, _, _, b, c) in rows {
+        bbox.values().append_slice(b);
+        bbox.append(true);
+        for s in c {
+            caps.values().append_value(s);
+        }
+        caps.append(true);
+    }
+    let batch = RecordBatch::try_from_iter(vec![
+        ("ref_id", Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())) as ArrayRef),
+        ("image_id", Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())) as ArrayRef),
+        ("split", Arc::new(StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())) as ArrayRef),
+        ("bbox", Arc::new(bbox.finish()) as ArrayRef),
+        ("captions", Arc::new(caps.finish()) as ArrayRef),
+    ])
+    .unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// The parquet release stores boxes as corners (x1, y1, x2, y2, computed in float64 from COCO's
+/// [x, y, w, h]); the same refs read from the REFER pickle and from the parquet give identical files.
+#[test]
+fn refcoco_parquet_corner_boxes_give_the_refer_outputs() {
+    use albef::data::refcoco::{from_parquet, from_refer};
+    let d = tmp("refcoco-boxes");
+    // (ref_id, ann_id, image_id, split, COCO bbox [x, y, w, h], sentences)
+    type Ref<'a> = (i64, i64, i64, &'a str, [f64; 4], Vec<&'a str>);
+    let refs: [Ref; 3] = [
+        (5, 50, 9, "train", [4.5, 6.0, 30.25, 52.0], vec!["man on left", "guy in red"]),
+        (6, 51, 9, "val", [103.93, 299.99, 134.22, 177.42], vec!["the lady with the blue shirt"]),
+        (7, 52, 31, "testA", [103.08, 230.15, 7.94, 60.01], vec!["bottom car"]),
+    ];
+    let pickle: Vec<Value> = refs
+        .iter()
+        .map(|(r, a, i, s, _, sents)| {
+            json!({"ref_id": r, "ann_id": a, "image_id": i, "split": s, "category_id": 1,
+                   "sentences": sents.iter().map(|t| json!({"sent": t, "raw": t, "tokens": []})).collect::<Vec<_>>()})
+        })
+        .collect();
+    std::fs::write(d.join("refs(unc).p"), serde_pickle::to_vec(&pickle, serde_pickle::SerOptions::new()).unwrap())
+        .unwrap();
+    std::fs::write(
+        d.join("instances.json"),
+        json!({"images": [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg"},
+                          {"id": 31, "file_name": "COCO_train2014_000000000031.jpg"}],
+               "annotations": refs.iter().map(|r| json!({"id": r.1, "image_id": r.2, "bbox": r.4})).collect::<Vec<_>>()})
+        .to_string(),
+    )
+    .unwrap();
+    from_refer(&d.join("refs(unc).p"), &d.join("instances.json"), "refcoco", "unc", &d.join("refer"), false).unwrap();
+    let rows: Vec<ParquetRow> = refs
+        .iter()
+        .map(|(r, _, i, s, [x, y, w, h], sents)| (*r, *i, *s, [*x, *y, x + w, y + h], sents.clone()))
+        .collect();
+    assert_eq!(rows[0].3, [4.5, 6.0, 34.75, 58.0], "the issue's example");
+    write_refcoco_parquet(&d.join("train-00000-of-00001.parquet"), &rows);
+    from_parquet(&[d.join("train-00000-of-00001.parquet")], "refcoco", &d.join("hf"), false).unwrap();
+    for split in ["train", "val", "testA"] {
+        let name = format!("refcoco_{split}.json");
+        assert_eq!(load(&d.join("hf").join(&name)), load(&d.join("refer").join(&name)), "{name}");
+    }
+    assert_eq!(load(&d.join("hf/refcoco_train.json"))[0]["bbox"], json!([4.5, 6.0, 30.25, 52.0]));
+    // A box whose corners are out of order is not x1, y1, x2, y2: named, nothing written.
+    write_refcoco_parquet(&d.join("xywh.parquet"), &[(1, 2, "val", [50.0, 60.0, 10.0, 20.0], vec!["a"])]);
+    let e = format!("{:#}", from_parquet(&[d.join("xywh.parquet")], "refcoco", &d.join("o"), false).unwrap_err());
+    assert!(e.contains("xywh.parquet") && e.contains("row 0") && e.contains("x2"), "{e}");
+    assert!(!d.join("o").exists());
+}
+
+/// The originally released SNLI-VE files spell the image key `Flikr30kID` and give file names.
+#[test]
+fn snli_ve_original_flikr30kid_files() {
+    let d = tmp("snli-original");
+    std::fs::write(
+        d.join("snli_ve_dev.jsonl"),
+        concat!(
+            r#"{"annotator_labels": ["neutral"], "captionID": "2677109430.jpg#1", "gold_label": "neutral", "pairID": "2677109430.jpg#1r1n", "sentence1": "This church choir sings to the masses.", "sentence2": "The church has cracks in the ceiling.", "Flikr30kID": "2677109430.jpg"}"#,
+            "\n",
+            r#"{"annotator_labels": ["entailment"], "captionID": "2677109430.jpg#1", "gold_label": "entailment", "pairID": "2677109430.jpg#1r1e", "sentence1": "This church choir sings to the masses.", "sentence2": "The church is filled with song.", "Flikr30kID": "2677109430.jpg"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    snli_ve(&[("dev".into(), d.join("snli_ve_dev.jsonl"))], &d.join("ve"), false).unwrap();
+    assert_eq!(
+        load(&d.join("ve/ve_dev.json")),
+        json!([
+        {"image": "2677109430", "sentence": "The church has cracks in the ceiling.", "label": "neutral"},
+        {"image": "2677109430", "sentence": "The church is filled with song.", "label": "entailment"}])
+    );
+    std::fs::write(d.join("nokey.jsonl"), r#"{"gold_label": "neutral", "sentence2": "x"}"#).unwrap();
+    let e = format!("{:#}", snli_ve(&[("dev".into(), d.join("nokey.jsonl"))], &d.join("o"), false).unwrap_err());
+    assert!(e.contains("nokey.jsonl") && e.contains("line 1") && e.contains("Flikr30kID"), "{e}");
+}
+
+/// NLVR2 as the official archives unpack into the dataset folder: `images/train/<n>/`, and `dev/`,
+/// `test1/` beside `images/`. Every path resolves from `<out>/images/` (NLVR.yaml's image_root).
+#[test]
+fn nlvr2_paths_resolve_in_the_official_archive_layout() {
+    let d = tmp("nlvr2-layout");
+    let out = d.join("nlvr2");
+    std::fs::write(
+        d.join("train.json"),
+        r#"{"identifier": "train-10171-0-0", "directory": 7, "sentence": "Two dogs.", "label": "True"}"#,
+    )
+    .unwrap();
+    std::fs::write(d.join("dev.json"), r#"{"identifier": "dev-850-0-2", "sentence": "A bird.", "label": "True"}"#)
+        .unwrap();
+    std::fs::write(d.join("test1.json"), r#"{"identifier": "test1-3-1-0", "sentence": "A cat.", "label": "False"}"#)
+        .unwrap();
+    let splits = [
+        ("train".into(), d.join("train.json")),
+        ("val".into(), d.join("dev.json")),
+        ("test".into(), d.join("test1.json")),
+    ];
+    nlvr2(&splits, &out, false).unwrap();
+    let images = |split: &str| -> Vec<String> {
+        load(&out.join(format!("{split}.json")))[0]["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect()
+    };
+    // Written before the images are there: the official layout is assumed.
+    assert_eq!(images("train"), ["train/7/train-10171-0-img0.png", "train/7/train-10171-0-img1.png"]);
+    assert_eq!(images("val"), ["../dev/dev-850-0-img0.png", "../dev/dev-850-0-img1.png"]);
+    assert_eq!(images("test"), ["../test1/test1-3-1-img0.png", "../test1/test1-3-1-img1.png"]);
+    for split in ["train", "val", "test"] {
+        for p in images(split) {
+            let f = out.join("images").join(p);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, b"x").unwrap();
+        }
+    }
+    assert!(out.join("images/train/7/train-10171-0-img0.png").is_file());
+    assert!(out.join("dev/dev-850-0-img1.png").is_file() && out.join("test1/test1-3-1-img0.png").is_file());
+    // A tree where dev was moved under images/ is found where it is.
+    std::fs::create_dir_all(out.join("images/dev")).unwrap();
+    nlvr2(&splits, &out, true).unwrap();
+    assert_eq!(images("val"), ["dev/dev-850-0-img0.png", "dev/dev-850-0-img1.png"]);
+    assert_eq!(images("test")[0], "../test1/test1-3-1-img0.png");
+}
+
+/// Flickr30K's archive unpacks to `flickr30k-images/`; `images` (what the Flickr30K and SNLI-VE
+/// configs read) is linked to it instead of asking for the files to be moved.
+#[cfg(unix)]
+#[test]
+fn flickr30k_official_image_folder_is_linked() {
+    let d = tmp("flickr-images");
+    std::fs::write(d.join("dataset_flickr30k.json"), karpathy_doc(false).to_string()).unwrap();
+    let out = d.join("flickr30k");
+    std::fs::create_dir_all(out.join("flickr30k-images")).unwrap();
+    std::fs::write(out.join("flickr30k-images/a.jpg"), b"x").unwrap();
+    flickr30k(&d.join("dataset_flickr30k.json"), &out, false).unwrap();
+    assert_eq!(load(&out.join("train.json"))[0]["image"], "images/a.jpg");
+    assert_eq!(std::fs::read_link(out.join("images")).unwrap(), Path::new("flickr30k-images"));
+    assert!(out.join("images/a.jpg").is_file());
+    // An existing images/ is left alone.
+    flickr30k(&d.join("dataset_flickr30k.json"), &out, true).unwrap();
+    assert_eq!(std::fs::read_link(out.join("images")).unwrap(), Path::new("flickr30k-images"));
+    // Bad input writes nothing, not even the link.
+    let out2 = d.join("f2");
+    std::fs::create_dir_all(out2.join("flickr30k-images")).unwrap();
+    std::fs::write(d.join("bad.json"), "{}").unwrap();
+    assert!(flickr30k(&d.join("bad.json"), &out2, false).is_err());
+    assert!(std::fs::symlink_metadata(out2.join("images")).is_err());
 }

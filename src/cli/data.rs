@@ -19,15 +19,22 @@ pub enum DataCommand {
 
 #[derive(Subcommand)]
 pub enum PrepareCommand {
-    /// Flickr30K from Karpathy's dataset_flickr30k.json → train/val/test.json.
+    /// Flickr30K from Karpathy's dataset_flickr30k.json → train/val/test.json (image paths
+    /// images/<file>). When OUT holds the official archive's flickr30k-images/ and no images/,
+    /// images is created as a link to it (the Flickr30K and SNLI-VE configs both read images/).
     Flickr30k(KarpathyArgs),
     /// COCO 2014 from Karpathy's dataset_coco.json → annotations/retrieval_*.json.
     Coco(KarpathyArgs),
-    /// VQA v2 official questions/annotations → vqa_{train,val,test}.json + answer_list.json.
+    /// VQA v2 official questions/annotations → vqa_{train,val,test}.json + answer_list.json
+    /// (the most frequent multiple_choice_answer values, the reference's rule).
     Vqa(VqaPrepareArgs),
-    /// NLVR2 official JSON-lines → train/val/test.json.
+    /// NLVR2 official JSON-lines → train/val/test.json. Image paths are relative to OUT/images/
+    /// (NLVR.yaml's image_root) for the layout the official archives unpack to in OUT:
+    /// images/train/<n>/…, dev/… and test1/… (written ../dev/…, ../test1/…); a split folder
+    /// already at OUT/images/<split>/ is used where it is.
     Nlvr2(SplitsArgs),
-    /// SNLI-VE official JSON-lines → ve_{train,dev,test}.json.
+    /// SNLI-VE official JSON-lines → ve_{train,dev,test}.json (the image key may be Flickr30K_ID
+    /// or the original release's Flikr30kID).
     #[command(name = "snli-ve")]
     SnliVe(SplitsArgs),
     /// RefCOCO, RefCOCO+, RefCOCOg → <dataset>_<split>.json grounding files (+ refs(*).json).
@@ -45,7 +52,8 @@ pub struct RefcocoArgs {
     /// COCO instances.json of the REFER release.
     #[arg(long)]
     instances: Option<PathBuf>,
-    /// Hugging Face parquet files (jxu124/refcoco layout), instead of --refs/--instances.
+    /// Hugging Face parquet files (jxu124/refcoco layout), instead of --refs/--instances; their
+    /// x1, y1, x2, y2 boxes are written as x, y, w, h like the REFER route's.
     #[arg(long, num_args = 1..)]
     parquet: Vec<PathBuf>,
     #[arg(long)]
@@ -79,7 +87,8 @@ pub struct VqaPrepareArgs {
     annotations_val: Option<PathBuf>,
     #[arg(long = "questions-test")]
     questions_test: Option<PathBuf>,
-    /// Size of answer_list.json (most frequent answers of the annotated splits).
+    /// Size of answer_list.json: the answers that are most often a question's
+    /// multiple_choice_answer in the annotated splits (ties by name), as the reference's list.
     #[arg(long, default_value_t = 3128)]
     answers: usize,
     #[arg(long)]
@@ -113,7 +122,13 @@ fn report(written: albef::data::prepare::Written) -> Result<()> {
 fn prepare(cmd: PrepareCommand) -> Result<()> {
     use albef::data::prepare as p;
     match cmd {
-        PrepareCommand::Flickr30k(a) => report(p::flickr30k(&a.karpathy, &a.out, a.force)?),
+        PrepareCommand::Flickr30k(a) => {
+            report(p::flickr30k(&a.karpathy, &a.out, a.force)?)?;
+            if let Ok(target) = std::fs::read_link(a.out.join("images")) {
+                println!("images -> {} (linked)", target.display());
+            }
+            Ok(())
+        }
         PrepareCommand::Coco(a) => report(p::coco(&a.karpathy, &a.out, a.force)?),
         PrepareCommand::Vqa(a) => {
             let mut splits = Vec::new();
@@ -206,8 +221,12 @@ pub struct SynthArgs {
 }
 
 fn print_report(r: &albef::data::check::CheckReport) {
-    for (file, n) in &r.files {
-        println!("{:>8} entries  {}", n, file.display());
+    for (file, n, images) in &r.files {
+        if *images > 0 {
+            println!("{n:>8} entries, {images} images  {}", file.display());
+        } else {
+            println!("{n:>8} entries  {}", file.display());
+        }
     }
     println!("{} images: {} missing, {} unreadable", r.images, r.missing.len(), r.broken.len());
     for (label, list) in [("missing", &r.missing), ("unreadable", &r.broken)] {

@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 /// What a check found.
 #[derive(Debug, Default)]
 pub struct CheckReport {
-    /// (annotation file, entries read)
-    pub files: Vec<(PathBuf, usize)>,
+    /// (annotation file, entries read, distinct images they name): NLVR2 entries name two
+    /// images each, and several sentences share a pair.
+    pub files: Vec<(PathBuf, usize, usize)>,
     pub images: usize,
     pub missing: Vec<String>,
     pub broken: Vec<String>,
@@ -154,7 +155,8 @@ fn check(value: Value, path: &Path, task: Task) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let mut images: Vec<ImageRef> = Vec::new();
     for (file, entries, found) in annotations(value, path, task)? {
-        report.files.push((file, entries));
+        let distinct = found.iter().map(|im| &im.path).collect::<BTreeSet<_>>().len();
+        report.files.push((file, entries, distinct));
         images.extend(found);
     }
     if report.files.is_empty() {

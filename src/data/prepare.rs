@@ -109,12 +109,33 @@ fn karpathy(
     )
 }
 
-/// Flickr30K: images under `images/`; writes `train.json`, `val.json`, `test.json`.
+/// Flickr30K: images under `images/`; writes `train.json`, `val.json`, `test.json`. When the
+/// official archive's `flickr30k-images/` is in `out` and `images` is not, `images` is made a
+/// relative link to it (see [`link_official_images`]).
 pub fn flickr30k(input: &Path, out: &Path, force: bool) -> Result<Written> {
     let name = |img: &Value, record: &str| -> Result<String> {
         Ok(format!("images/{}", string(img, "filename", input, record)?))
     };
-    karpathy(input, out, ["train.json", "val.json", "test.json"], &name, force)
+    let written = karpathy(input, out, ["train.json", "val.json", "test.json"], &name, force)?;
+    link_official_images(out)?;
+    Ok(written)
+}
+
+/// The official Flickr30K archive unpacks to `flickr30k-images/`, while both configs that read
+/// Flickr30K (retrieval, and SNLI-VE's `image_root`) expect `images/`: a link serves both without
+/// moving 31,783 files. An existing `images` (folder or link) is left alone.
+fn link_official_images(out: &Path) -> Result<()> {
+    let (images, official) = (out.join("images"), out.join("flickr30k-images"));
+    if std::fs::symlink_metadata(&images).is_ok() || !official.is_dir() {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    let linked = std::os::unix::fs::symlink("flickr30k-images", &images);
+    #[cfg(windows)]
+    let linked = std::os::windows::fs::symlink_dir("flickr30k-images", &images);
+    linked.with_context(|| {
+        format!("cannot link {} to flickr30k-images/ (rename that folder to images/)", images.display())
+    })
 }
 
 /// COCO 2014 (Karpathy; test = 5,000 val2014 images): paths `<filepath>/<filename>` under the
@@ -134,7 +155,8 @@ pub fn coco(input: &Path, out: &Path, force: bool) -> Result<Written> {
 
 /// VQA v2: official question (+ annotation) files per split → `vqa_{train,val,test}.json` with
 /// COCO image paths, and `answer_list.json` of the `top_answers` most frequent answers of the
-/// annotated splits.
+/// annotated splits, counted by each question's `multiple_choice_answer` (not its ten annotator
+/// answers), the rule the reference's list came from.
 pub fn vqa(
     splits: &[(String, PathBuf, Option<PathBuf>)],
     out: &Path,
@@ -212,11 +234,32 @@ pub fn vqa(
     write_all(outputs, force)
 }
 
+/// Where NLVR2's image folder `name` (`train`, `dev`, `test1`) is, relative to `<out>/images/`
+/// (NLVR.yaml's `image_root`): `<out>/images/<name>/` or `<out>/<name>/`, whichever exists; when
+/// neither does yet, the layout the official image archives unpack to: train under
+/// `images/train/`, dev and test1 to `dev/` and `test1/` beside `images/`.
+fn nlvr2_folder(out: &Path, name: &str) -> String {
+    let under_images = if out.join("images").join(name).is_dir() {
+        true
+    } else if out.join(name).is_dir() {
+        false
+    } else {
+        name == "train"
+    };
+    if under_images {
+        name.to_string()
+    } else {
+        format!("../{name}")
+    }
+}
+
 /// NLVR2: official JSON-lines (`train.json`, `dev.json`, `test1.json`) → `{images, sentence,
 /// label}` with the official image names `<split dir>/<identifier minus sentence index>-img{0,1}.png`
-/// (train images sit in numbered sub-folders given by `directory`).
+/// (train images sit in numbered sub-folders given by `directory`), as paths from `<out>/images/`
+/// that resolve in the layout the official archives unpack to (see [`nlvr2_folder`]).
 pub fn nlvr2(splits: &[(String, PathBuf)], out: &Path, force: bool) -> Result<Written> {
     let mut outputs = Vec::new();
+    let mut folders: HashMap<String, String> = HashMap::new();
     for (split, file) in splits {
         let mut entries = Vec::new();
         for (i, rec) in read_jsonl(file)?.iter().enumerate() {
@@ -228,7 +271,8 @@ pub fn nlvr2(splits: &[(String, PathBuf)], out: &Path, force: bool) -> Result<Wr
                     file.display()
                 )
             })?;
-            let folder = identifier.split('-').next().unwrap_or(split).to_string();
+            let name = identifier.split('-').next().unwrap_or(split);
+            let folder = folders.entry(name.to_string()).or_insert_with(|| nlvr2_folder(out, name)).clone();
             let dir = match rec.get("directory") {
                 Some(d) => format!(
                     "{folder}/{}",
@@ -248,7 +292,8 @@ pub fn nlvr2(splits: &[(String, PathBuf)], out: &Path, force: bool) -> Result<Wr
     write_all(outputs, force)
 }
 
-/// SNLI-VE: official JSON-lines → `{image: Flickr30K id, sentence: hypothesis, label}`.
+/// SNLI-VE: official JSON-lines → `{image: Flickr30K id, sentence: hypothesis, label}`; the
+/// image key may be `Flickr30K_ID` or the original release's `Flikr30kID`.
 pub fn snli_ve(splits: &[(String, PathBuf)], out: &Path, force: bool) -> Result<Written> {
     let mut outputs = Vec::new();
     for (split, file) in splits {
@@ -259,11 +304,17 @@ pub fn snli_ve(splits: &[(String, PathBuf)], out: &Path, force: bool) -> Result<
             if !["entailment", "neutral", "contradiction"].contains(&label.as_str()) {
                 bail!("{}: {record}, gold_label {label:?} is not entailment, neutral or contradiction", file.display());
             }
-            let image = field(rec, "Flickr30K_ID", file, &record)?;
-            let image =
-                image.as_str().map(str::to_string).or_else(|| image.as_i64().map(|n| n.to_string())).with_context(
-                    || format!("{}: {record}, 'Flickr30K_ID' must be a string or integer", file.display()),
-                )?;
+            // The originally released files spell the key `Flikr30kID` (sic) and give the file
+            // name ("2677109430.jpg"); later copies `Flickr30K_ID`. The output is the bare id.
+            let (key, image) = ["Flickr30K_ID", "Flikr30kID"]
+                .into_iter()
+                .find_map(|k| rec.get(k).map(|v| (k, v)))
+                .with_context(|| format!("{}: {record} has no field 'Flickr30K_ID' or 'Flikr30kID'", file.display()))?;
+            let image = image
+                .as_str()
+                .map(|s| s.strip_suffix(".jpg").unwrap_or(s).to_string())
+                .or_else(|| image.as_i64().map(|n| n.to_string()))
+                .with_context(|| format!("{}: {record}, '{key}' must be a string or integer", file.display()))?;
             entries.push(json!({"image": image, "sentence": string(rec, "sentence2", file, &record)?, "label": label}));
         }
         outputs.push((out.join(format!("ve_{split}.json")), Value::Array(entries)));

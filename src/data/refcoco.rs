@@ -1,8 +1,8 @@
 //! RefCOCO / RefCOCO+ / RefCOCOg for weakly-supervised grounding: from the REFER files
 //! (`refs(<split_by>).p` pickle + COCO `instances.json`) or from the Hugging Face parquet release
-//! (`jxu124/refcoco` layout), to `<dataset>_<split>.json` files with one entry per expression
-//! (`image` under the COCO root, `text`, `ref_id`, `image_id`, `bbox` [x, y, w, h]) and, for the
-//! REFER input, `refs(<name>).json`, the pickle as JSON.
+//! (`jxu124/refcoco` layout, whose corner boxes are converted), to `<dataset>_<split>.json` files
+//! with one entry per expression (`image` under the COCO root, `text`, `ref_id`, `image_id`,
+//! `bbox` [x, y, w, h]) and, for the REFER input, `refs(<name>).json`, the pickle as JSON.
 
 use super::prepare::{write_all, Written};
 use anyhow::{bail, Context, Result};
@@ -132,7 +132,29 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str, file: &Path) -> Re
         .with_context(|| format!("{}: column '{name}' has an unexpected type", file.display()))
 }
 
-/// The Hugging Face parquet files (columns `ref_id`, `image_id`, `split`, `bbox`, `captions`).
+/// The parquet release's box `[x1, y1, x2, y2]` (its dataset card; x + w, y + h of COCO's boxes)
+/// as COCO's `[x, y, w, h]`, which REFER, Grounding.py and our outputs use. The difference
+/// carries float error ((103.08 + 7.94) - 103.08 is 7.939999999999998), so each side is the
+/// shortest decimal, to 6 places, that gives the stored corner back; COCO's boxes have 2.
+fn corners_to_xywh(b: &[f64]) -> Result<Vec<f64>> {
+    let side = |lo: f64, hi: f64| -> f64 {
+        let d = hi - lo;
+        (0..=6)
+            .map(|places| {
+                let scale = 10f64.powi(places);
+                (d * scale).round() / scale
+            })
+            .find(|&c| lo + c == hi)
+            .unwrap_or(d)
+    };
+    if b[2] < b[0] || b[3] < b[1] {
+        bail!("is not x1, y1, x2, y2 (x2 < x1 or y2 < y1); the parquet release stores corners");
+    }
+    Ok(vec![b[0], b[1], side(b[0], b[2]), side(b[1], b[3])])
+}
+
+/// The Hugging Face parquet files (columns `ref_id`, `image_id`, `split`, `bbox` as corners,
+/// `captions`).
 pub fn from_parquet(files: &[PathBuf], dataset: &str, out: &Path, force: bool) -> Result<Written> {
     let mut splits: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for file in files {
@@ -157,8 +179,10 @@ pub fn from_parquet(files: &[PathBuf], dataset: &str, out: &Path, force: bool) -
                     .values()
                     .to_vec();
                 if b.len() != 4 {
-                    bail!("{}: row {}, bbox has {} values (want x, y, w, h)", file.display(), row + r, b.len());
+                    bail!("{}: row {}, bbox has {} values (want x1, y1, x2, y2)", file.display(), row + r, b.len());
                 }
+                let b =
+                    corners_to_xywh(&b).with_context(|| format!("{}: row {}, bbox {b:?}", file.display(), row + r))?;
                 let caps = captions.value(r);
                 let caps = caps.as_any().downcast_ref::<StringArray>().with_context(|| {
                     format!("{}: row {}, 'captions' is not a list of strings", file.display(), row + r)

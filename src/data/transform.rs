@@ -20,16 +20,74 @@ pub struct RgbImage {
 
 impl RgbImage {
     /// Decodes JPEG or PNG; grey, grey+alpha and RGBA become RGB (alpha dropped, as PIL's
-    /// `convert('RGB')`).
+    /// `convert('RGB')`). A JPEG that ends before its end-of-image marker is refused: the
+    /// decoder would fill the missing part with grey, where Pillow (the reference) raises.
     pub fn open(path: &Path) -> Result<Self> {
-        let img = image::ImageReader::open(path)
-            .with_context(|| format!("cannot open image {}", path.display()))?
+        let bytes = std::fs::read(path).with_context(|| format!("cannot open image {}", path.display()))?;
+        let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
             .with_guessed_format()
-            .with_context(|| format!("cannot read image {}", path.display()))?
+            .with_context(|| format!("cannot read image {}", path.display()))?;
+        if reader.format() == Some(image::ImageFormat::Jpeg) {
+            if let Err(why) = jpeg_complete(&bytes) {
+                anyhow::bail!("cannot decode image {}: JPEG truncated ({why})", path.display());
+            }
+        }
+        let img = reader
             .decode()
             .with_context(|| format!("cannot decode image {} (truncated or not an image?)", path.display()))?;
         let rgb = img.to_rgb8();
         Ok(Self { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
+    }
+}
+
+/// Walks a JPEG's marker segments (skipping each by its length, so thumbnails inside APP
+/// segments do not count) and the entropy-coded data after each SOS, up to the EOI marker.
+/// Whatever follows EOI is ignored, as libjpeg does.
+fn jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
+    let mut i = 2; // after SOI
+    loop {
+        // Next marker: libjpeg skips stray bytes and 0xFF fill before it.
+        while i < b.len() && b[i] != 0xFF {
+            i += 1;
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&m) = b.get(i) else {
+            return Err(format!("no end-of-image marker in its {} bytes", b.len()));
+        };
+        i += 1;
+        match m {
+            0xD9 => return Ok(()),
+            0x01 | 0xD0..=0xD8 => continue, // no length field
+            _ => {}
+        }
+        let Some(len) = b.get(i..i + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else {
+            return Err(format!("ends inside marker 0xFF{m:02X} at byte {}", i - 2));
+        };
+        if len < 2 || i + len > b.len() {
+            return Err(format!("ends inside the segment of marker 0xFF{m:02X} at byte {}", i - 2));
+        }
+        i += len;
+        if m == 0xDA {
+            // Entropy-coded data runs to the next marker that is neither a stuffed 0xFF00 nor a
+            // restart marker.
+            let start = i;
+            loop {
+                match (b.get(i), b.get(i + 1)) {
+                    (Some(0xFF), Some(0xFF)) => i += 1, // fill before a marker
+                    (Some(0xFF), Some(0x00 | 0xD0..=0xD7)) => i += 2,
+                    (Some(0xFF), Some(_)) => break,
+                    (Some(_), _) => i += 1,
+                    (None, _) => {
+                        return Err(format!(
+                            "scan data from byte {start} ends at byte {} without an end-of-image marker",
+                            b.len()
+                        ))
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -175,6 +233,46 @@ mod tests {
         std::fs::write(dir.join("broken.jpg"), b"\xff\xd8\xff\xe0 not really").unwrap();
         let e = RgbImage::open(&dir.join("broken.jpg")).unwrap_err();
         assert!(format!("{e:#}").contains("broken.jpg"), "{e:#}");
+    }
+
+    /// A JPEG cut inside its scan data decodes without error in the `image` crate (it fills the
+    /// rest with grey); Pillow refuses it, so must we. Complete files, with whatever follows EOI,
+    /// still open.
+    #[test]
+    fn jpeg_cut_inside_scan_data_is_refused() {
+        let dir = std::env::temp_dir().join(format!("albef-img-cut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = 7u32;
+        let noise = image::RgbImage::from_fn(48, 40, |_, _| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            image::Rgb([(s >> 24) as u8, (s >> 16) as u8, (s >> 8) as u8])
+        });
+        noise.save(dir.join("whole.jpg")).unwrap();
+        let bytes = std::fs::read(dir.join("whole.jpg")).unwrap();
+        assert!(RgbImage::open(&dir.join("whole.jpg")).is_ok());
+        // Trailing bytes after EOI (padding, appended data) are ignored, as by libjpeg.
+        std::fs::write(dir.join("padded.jpg"), [&bytes[..], &[0u8; 37], b"trailer"].concat()).unwrap();
+        assert!(RgbImage::open(&dir.join("padded.jpg")).is_ok());
+        // An APP segment holding a complete thumbnail (its own FF D9) does not count as the end.
+        let thumb: Vec<u8> = [&b"Exif\0\0"[..], &bytes].concat();
+        let app1 = [&[0xFF, 0xE1][..], &((thumb.len() + 2) as u16).to_be_bytes(), &thumb].concat();
+        let with_thumb = [&bytes[..2], &app1, &bytes[2..]].concat();
+        std::fs::write(dir.join("thumb.jpg"), &with_thumb).unwrap();
+        assert!(RgbImage::open(&dir.join("thumb.jpg")).is_ok());
+        for (name, file) in [("cut.jpg", &bytes), ("thumbcut.jpg", &with_thumb)] {
+            let sos = file.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+            let cut = &file[..sos + (file.len() - sos) * 3 / 4];
+            assert!(image::load_from_memory(cut).is_ok(), "the decoder alone accepts {name}");
+            std::fs::write(dir.join(name), cut).unwrap();
+            let e = match RgbImage::open(&dir.join(name)) {
+                Ok(_) => panic!("{name} opened: the decoder filled the missing scan data"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(e.contains(name) && e.contains("truncated"), "{e}");
+        }
+        // Cut inside a header segment, and with no scan at all.
+        std::fs::write(dir.join("head.jpg"), &bytes[..30]).unwrap();
+        assert!(format!("{:#}", RgbImage::open(&dir.join("head.jpg")).unwrap_err()).contains("head.jpg"));
     }
 
     #[test]
