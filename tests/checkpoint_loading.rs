@@ -236,3 +236,18 @@ fn wrong_task_checkpoint_is_explained() {
     .to_string();
     assert!(err.contains("fine-tuned Vqa checkpoint"), "{err}");
 }
+
+#[test]
+fn our_checkpoint_of_another_task_is_refused() {
+    let cfg = model_config("ve");
+    let model = build_model(Task::Ve, &cfg, &Device::Cpu, 0).unwrap();
+    let path = tmp("ve_ours_for_retrieval.safetensors");
+    save_model(model.as_ref(), Task::Ve, &path, &BTreeMap::new()).unwrap();
+    let retrieval = build_model(Task::Retrieval, &cfg, &Device::Cpu, 0).unwrap();
+    let err = load_checkpoint(retrieval.as_ref(), Task::Retrieval, &path, false, TeacherInit::FromLoaded)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("albef checkpoint (task ve)") && err.contains("cannot initialise a Retrieval model"), "{err}");
+    // Its own task still loads it.
+    load_checkpoint(model.as_ref(), Task::Ve, &path, false, TeacherInit::FromLoaded).unwrap();
+}

@@ -36,7 +36,10 @@ fn text_normalisation_matches_reference() {
     }
 }
 
+/// Needs the full vocab, which is not committed: ignored in a plain `cargo test`, run by `.ci/run`
+/// (`-- --ignored`) whenever the vocab is beside the checkout; it fails if asked to run without it.
 #[test]
+#[ignore = "needs ../shared/fixtures/bert-base-uncased-vocab.txt (not committed); .ci/run runs it when present"]
 fn tokenizer_cases_match_reference() {
     let Some(vocab) = shared_vocab() else {
         panic!("the full vocab ../shared/fixtures/bert-base-uncased-vocab.txt is absent: this test needs it (it is not committed)");

@@ -196,3 +196,21 @@ fn bad_input_is_named() {
     let e = err(&wrong);
     assert!(e.contains("fine-tuned Vqa checkpoint") && e.contains("cannot initialise a Retrieval model"), "{e}");
 }
+
+#[test]
+fn misspelt_or_unimplemented_config_keys_stop_before_any_output() {
+    let f = Fixture::new("keys");
+    let typo = f.write_config("typo.yaml", 1, "batch_size_trian: 8\n");
+    let opts = f.options(&typo, "out_typo");
+    let e = err(&opts);
+    assert!(e.contains("typo.yaml") && e.contains("unknown key 'batch_size_trian'"), "{e}");
+    assert!(e.contains("did you mean 'batch_size_train'"), "{e}");
+    assert!(!opts.run.output_dir.exists(), "nothing written for a bad config");
+
+    let cfg = std::fs::read_to_string(f.dir.join("config.yaml")).unwrap().replace("sched: cosine", "sched: step");
+    std::fs::write(f.dir.join("step.yaml"), cfg).unwrap();
+    let opts = f.options(&f.dir.join("step.yaml"), "out_step");
+    let e = err(&opts);
+    assert!(e.contains("step.yaml") && e.contains("schedular.sched \"step\" is not implemented"), "{e}");
+    assert!(!opts.run.output_dir.exists(), "nothing written for a bad config");
+}

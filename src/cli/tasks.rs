@@ -1,4 +1,4 @@
-//! The task commands (`retrieval`, `ve`, `nlvr`), with the reference scripts' flags.
+//! The task commands (`retrieval`, `vqa`, `nlvr-pretrain`, `nlvr`, `ve`), with the reference scripts' flags.
 
 use albef::task::Task;
 use albef::tasks::classify::{self, ClassifyOptions};

@@ -71,10 +71,6 @@ impl RetrievalTrain {
     pub fn images(&self) -> impl Iterator<Item = &ImageRef> {
         self.entries.iter().map(|e| &e.0)
     }
-
-    pub fn num_images(&self) -> usize {
-        self.entries.iter().map(|e| e.2).max().map_or(0, |m| m as usize + 1)
-    }
 }
 
 impl Dataset for RetrievalTrain {

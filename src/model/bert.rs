@@ -8,7 +8,7 @@ use super::config::BertConfig;
 use crate::nn::{
     attention_context, attention_probs, attention_shared_kv, dropout, Embedding, Init, LayerNorm, Linear, ParamBuilder,
 };
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Which layers run, as `BertEncoder.forward(mode=…)` in the reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,10 +212,6 @@ impl BertModel {
         Ok(Self { embeddings, layers, fusion_layer: cfg.fusion_layer, layout })
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
     /// Token ids → embeddings → layers of `mode` (`Text` or `MultiModal`).
     pub fn forward_ids(
         &self,
@@ -301,9 +297,4 @@ impl MlmHead {
         *out.last_mut().unwrap() = self.bias.dim(0)?;
         logits.reshape(out)
     }
-}
-
-/// A (B, L) all-ones i64 mask on `device` (used where the reference passes no mask).
-pub fn ones_mask(b: usize, l: usize, device: &Device) -> Result<Tensor> {
-    Tensor::ones((b, l), DType::I64, device)
 }

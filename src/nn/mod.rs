@@ -1,7 +1,9 @@
 //! Differentiable building blocks.
 //!
 //! candle's fused `layer_norm`, `softmax_last_dim` and `rms_norm` have no backward pass and
-//! silently stop gradients, so everything here is composed from primitive ops that do.
+//! silently stop gradients, so everything here either is composed from primitive ops that do, or
+//! (LayerNorm and softmax, f32 on the CPU) is our own fused op with its backward. The composed
+//! forms serve every other device and dtype; tests check that both agree.
 
 mod fused;
 mod params;
@@ -15,6 +17,11 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if fused::usable(x) {
         return x.contiguous()?.apply_op1(fused::Softmax);
     }
+    softmax_composed(x)
+}
+
+/// [`softmax`] from primitive ops (every device and dtype).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -112,7 +119,7 @@ impl Linear {
     }
 }
 
-/// LayerNorm over the last dimension, composed from differentiable ops.
+/// LayerNorm over the last dimension.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -131,6 +138,11 @@ impl LayerNorm {
         if fused::usable(x) {
             return x.contiguous()?.apply_op3(&self.weight, &self.bias, fused::LayerNormOp { eps: self.eps });
         }
+        self.forward_composed(x)
+    }
+
+    /// [`LayerNorm::forward`] from primitive ops (every device and dtype).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -209,4 +221,89 @@ pub fn attention_shared_kv(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> 
     let probs = softmax(&q.matmul(&k.t()?)?)?; // (H, B·Lq, Lk)
     let ctx = probs.matmul(&v)?; // (H, B·Lq, dh)
     ctx.transpose(0, 1)?.reshape((b, lq, d))
+}
+
+#[cfg(test)]
+mod fused_vs_composed {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n = shape.0 * shape.1 * shape.2;
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) =
+            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        a.iter().zip(&b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0.0, f32::max)
+    }
+
+    /// Forward values and the gradient of Σ f(x)·r (r random) with respect to x, for `f`.
+    fn value_and_grad(x: &Tensor, r: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> (Tensor, Tensor) {
+        let v = Var::from_tensor(x).unwrap();
+        let y = f(v.as_tensor()).unwrap();
+        let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(&v).unwrap().clone())
+    }
+
+    /// Scores with an additive attention mask: large negatives (the reference's −10000) and −∞.
+    fn masked_scores() -> Tensor {
+        let x = random((2, 5, 7), 1);
+        let mut mask = vec![0f32; 2 * 5 * 7];
+        for (i, m) in mask.iter_mut().enumerate() {
+            if i % 7 == 6 {
+                *m = -10000.0;
+            } else if i % 7 == 5 && i % 2 == 0 {
+                *m = f32::NEG_INFINITY;
+            }
+        }
+        (x + Tensor::from_vec(mask, (2, 5, 7), &Device::Cpu).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn softmax_fused_equals_composed_forward_and_backward() {
+        for x in [random((3, 4, 9), 0), masked_scores()] {
+            let r = random(x.dims3().unwrap(), 2);
+            let (yf, gf) = value_and_grad(&x, &r, softmax);
+            let (yc, gc) = value_and_grad(&x, &r, softmax_composed);
+            assert!(max_diff(&yf, &yc) < 1e-6, "forward {}", max_diff(&yf, &yc));
+            assert!(max_diff(&gf, &gc) < 1e-6, "backward {}", max_diff(&gf, &gc));
+            assert!(gf.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|g| g.is_finite()));
+        }
+    }
+
+    #[test]
+    fn log_softmax_equals_log_of_fused_softmax() {
+        // No fused log-softmax exists: the composed one is checked against log(fused softmax).
+        let x = random((3, 4, 9), 3);
+        let r = random((3, 4, 9), 4);
+        let (yl, gl) = value_and_grad(&x, &r, log_softmax);
+        let (ys, gs) = value_and_grad(&x, &r, |t| softmax(t)?.log());
+        assert!(max_diff(&yl, &ys) < 1e-5, "forward {}", max_diff(&yl, &ys));
+        assert!(max_diff(&gl, &gs) < 1e-5, "backward {}", max_diff(&gl, &gs));
+    }
+
+    #[test]
+    fn layer_norm_fused_equals_composed_forward_and_backward() {
+        let (w, b) = (random((1, 1, 9), 5).flatten_all().unwrap(), random((1, 1, 9), 6).flatten_all().unwrap());
+        let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+        let ln = LayerNorm { weight: wv.as_tensor().clone(), bias: bv.as_tensor().clone(), eps: 1e-12 };
+        for x in [random((3, 4, 9), 7), (random((3, 4, 9), 8) * 1000.0).unwrap()] {
+            let r = random((3, 4, 9), 9);
+            let xv = Var::from_tensor(&x).unwrap();
+            let grads = |y: Tensor| (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let yf = ln.forward(xv.as_tensor()).unwrap();
+            let yc = ln.forward_composed(xv.as_tensor()).unwrap();
+            assert!(max_diff(&yf, &yc) < 1e-5, "forward {}", max_diff(&yf, &yc));
+            let (gf, gc) = (grads(yf), grads(yc));
+            for (name, v) in [("x", &xv), ("weight", &wv), ("bias", &bv)] {
+                let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-4, "d{name}: {d}");
+            }
+        }
+    }
 }

@@ -180,10 +180,6 @@ impl ParamBuilder {
         &self.prefix
     }
 
-    pub fn is_trainable(&self) -> bool {
-        self.trainable
-    }
-
     pub fn store(&self) -> &ParamStore {
         &self.store
     }
