@@ -2,7 +2,7 @@
 //! `RandomHorizontalFlip`, and the reference's `RandomAugment(2, 7)` (`dataset/randaugment.py`,
 //! OpenCV-based ops re-implemented on 8-bit RGB).
 
-use super::transform::{resize_bicubic, RgbImage};
+use super::transform::{pillow_resize_bicubic, RgbImage};
 use rand::Rng;
 
 /// `RandomResizedCrop(size, scale, ratio=(3/4, 4/3), BICUBIC)` as torchvision's `get_params`.
@@ -35,7 +35,7 @@ pub fn random_resized_crop<R: Rng>(img: &RgbImage, size: usize, scale: (f64, f64
         };
         ((img.height - h) / 2, (img.width - w) / 2, h, w)
     });
-    resize_bicubic(&crop(img, j, i, w, h), size, size)
+    pillow_resize_bicubic(&crop(img, j, i, w, h), size, size)
 }
 
 pub fn crop(img: &RgbImage, x: usize, y: usize, w: usize, h: usize) -> RgbImage {

@@ -91,8 +91,8 @@ fn jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
-// Pillow's Resample.c: coefficients in double, rounded to fixed point with 22 fractional bits,
-// horizontal pass first into an 8-bit intermediate, then vertical.
+// Pillow 13.0.0's Resample.c: coefficients in double, rounded to fixed point with 22 fractional
+// bits, two separable passes with an 8-bit intermediate.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 fn bicubic_filter(x: f64) -> f64 {
@@ -142,44 +142,75 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// `PIL.Image.resize((w, h), BICUBIC)` on an RGB image, bit-exact.
-pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
-    let mut cur = img.clone();
-    if out_w != cur.width {
-        let coeffs = coefficients(cur.width, out_w);
-        let mut data = vec![0u8; out_w * cur.height * 3];
-        for y in 0..cur.height {
-            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
-            for (x, (xmin, k)) in coeffs.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &w) in k.iter().enumerate() {
-                        acc += row[(xmin + i) * 3 + c] as i64 * w as i64;
-                    }
-                    data[(y * out_w + x) * 3 + c] = clip8(acc);
+/// One horizontal pass over input rows `rows`, to `coeffs.len()` columns.
+fn horizontal_pass(img: &RgbImage, coeffs: &[(usize, Vec<i32>)], rows: std::ops::Range<usize>) -> RgbImage {
+    let out_w = coeffs.len();
+    let mut data = Vec::with_capacity(out_w * rows.len() * 3);
+    for y in rows.clone() {
+        let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
+        for (xmin, k) in coeffs {
+            for c in 0..3 {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (i, &w) in k.iter().enumerate() {
+                    acc += row[(xmin + i) * 3 + c] as i64 * w as i64;
                 }
+                data.push(clip8(acc));
             }
         }
-        cur = RgbImage { width: out_w, height: cur.height, data };
     }
-    if out_h != cur.height {
-        let coeffs = coefficients(cur.height, out_h);
-        let w = cur.width;
-        let mut data = vec![0u8; w * out_h * 3];
-        for (y, (ymin, k)) in coeffs.iter().enumerate() {
-            for x in 0..w {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &wt) in k.iter().enumerate() {
-                        acc += cur.data[((ymin + i) * w + x) * 3 + c] as i64 * wt as i64;
-                    }
-                    data[(y * w + x) * 3 + c] = clip8(acc);
+    RgbImage { width: out_w, height: rows.len(), data }
+}
+
+/// One vertical pass to `coeffs.len()` rows; `offset` is the first input row `img` holds.
+fn vertical_pass(img: &RgbImage, coeffs: &[(usize, Vec<i32>)], offset: usize) -> RgbImage {
+    let w = img.width;
+    let mut data = Vec::with_capacity(w * coeffs.len() * 3);
+    for (ymin, k) in coeffs {
+        let ymin = ymin - offset;
+        for x in 0..w {
+            for c in 0..3 {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (i, &wt) in k.iter().enumerate() {
+                    acc += img.data[((ymin + i) * w + x) * 3 + c] as i64 * wt as i64;
                 }
+                data.push(clip8(acc));
             }
         }
-        cur = RgbImage { width: w, height: out_h, data };
     }
-    cur
+    RgbImage { width: w, height: coeffs.len(), data }
+}
+
+/// `PIL.Image.resize((w, h), BICUBIC)` on an RGB image, bit-exact with Pillow 13.0.0 (what
+/// installing the reference gives today). Sizes are at least 1, as Pillow requires.
+pub fn pillow_resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    let (in_w, in_h) = (img.width, img.height);
+    let need_horizontal = out_w != in_w;
+    let need_vertical = out_h != in_h;
+    // Pillow 13.0.0, ImagingResampleInner: the vertical pass runs first when the height shrinks
+    // by more than twice as many pixels as the width does (a speed choice that changes the
+    // rounding of the 8-bit intermediate). Pillow 12.1 and older always ran horizontal first;
+    // 12.2-12.3 went vertical first only when shrinking images over 100x taller than wide.
+    let dh = in_h as i64 - out_h as i64;
+    let dw = in_w as i64 - out_w as i64;
+    let vertical_first = dh > 0 && dh > 2 * dw;
+    let vert = coefficients(in_h, out_h);
+    if vertical_first {
+        // Full-width vertical pass, then horizontal over all of its rows.
+        let tmp = vertical_pass(img, &vert, 0);
+        return if need_horizontal { horizontal_pass(&tmp, &coefficients(in_w, out_w), 0..out_h) } else { tmp };
+    }
+    match (need_horizontal, need_vertical) {
+        (true, true) => {
+            // Horizontal pass only over the input rows the vertical pass reads.
+            let first = vert[0].0;
+            let (last_min, last_k) = &vert[out_h - 1];
+            let tmp = horizontal_pass(img, &coefficients(in_w, out_w), first..last_min + last_k.len());
+            vertical_pass(&tmp, &vert, first)
+        }
+        (true, false) => horizontal_pass(img, &coefficients(in_w, out_w), 0..in_h),
+        (false, true) => vertical_pass(img, &vert, 0),
+        (false, false) => img.clone(),
+    }
 }
 
 /// `ToTensor` + `Normalize(CLIP mean, std)`: (3, H, W) f32, channel-planar.
@@ -196,7 +227,7 @@ pub fn to_normalized_chw(img: &RgbImage) -> Vec<f32> {
 
 /// The reference's test transform at resolution `res`: (3, res, res) values.
 pub fn eval_transform_host(img: &RgbImage, res: usize) -> Vec<f32> {
-    to_normalized_chw(&resize_bicubic(img, res, res))
+    to_normalized_chw(&pillow_resize_bicubic(img, res, res))
 }
 
 /// [`eval_transform_host`] as a tensor.
@@ -278,6 +309,6 @@ mod tests {
     #[test]
     fn resize_to_same_size_is_identity() {
         let img = RgbImage { width: 2, height: 2, data: (0..12).collect() };
-        assert_eq!(resize_bicubic(&img, 2, 2), img);
+        assert_eq!(pillow_resize_bicubic(&img, 2, 2), img);
     }
 }
