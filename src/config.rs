@@ -109,10 +109,21 @@ pub trait TaskKeys: Clone + Serialize + DeserializeOwned {
     fn train_file(data: &Self::Data) -> Option<&Files>;
     /// Training batch size, if the config gives one (and its key, for errors).
     fn train_batch(&self) -> (Option<usize>, &'static str);
+    /// The keys of the training and the evaluation batch size (`--batch_size_train`,
+    /// `--batch_size_test` set them); NLVR.yaml and NLVR_pretrain.yaml have one for both.
+    const BATCH_KEYS: (&'static str, &'static str) = ("batch_size_train", "batch_size_test");
     /// Refuses values albef does not implement.
     fn validate(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Command-line values that replace the config's (the memory levers: batch sizes, resolution).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    pub batch_size_train: Option<usize>,
+    pub batch_size_test: Option<usize>,
+    pub image_res: Option<usize>,
 }
 
 /// A parsed task config.
@@ -201,6 +212,33 @@ impl<T: TaskKeys> Config<T> {
     /// Reads and checks a config; `training` also requires the keys training needs.
     pub fn load(path: &Path, training: bool) -> Result<Self> {
         Self::from_value(read_yaml(path)?, path, training)
+    }
+
+    /// [`Config::load`] with command-line values in place of the file's.
+    pub fn load_with(path: &Path, training: bool, overrides: &Overrides) -> Result<Self> {
+        let mut value = read_yaml(path)?;
+        let (train_key, test_key) = T::BATCH_KEYS;
+        if let (true, Some(a), Some(b)) = (train_key == test_key, overrides.batch_size_train, overrides.batch_size_test)
+        {
+            if a != b {
+                bail!(
+                    "{} has one '{train_key}' for training and evaluation: --batch_size_train {a} and \
+                     --batch_size_test {b} cannot both hold",
+                    path.display()
+                );
+            }
+        }
+        let map = value.as_mapping_mut().expect("read_yaml returns a mapping");
+        for (key, v) in [
+            (train_key, overrides.batch_size_train),
+            (test_key, overrides.batch_size_test),
+            ("image_res", overrides.image_res),
+        ] {
+            if let Some(v) = v {
+                map.insert(Value::from(key), Value::from(v as u64));
+            }
+        }
+        Self::from_value(value, path, training)
     }
 
     /// Types a config read by [`read_yaml`] (possibly edited, as `data check --root` does).
@@ -516,6 +554,7 @@ pub struct NlvrKeys {
 
 impl TaskKeys for NlvrKeys {
     type Data = ClassifyData;
+    const BATCH_KEYS: (&'static str, &'static str) = ("batch_size", "batch_size");
     const TRAINING_KEYS: &'static [&'static str] = &["train_file"];
     fn train_file(data: &ClassifyData) -> Option<&Files> {
         data.train_file.as_ref()
@@ -546,6 +585,7 @@ pub struct NlvrPretrainKeys {
 
 impl TaskKeys for NlvrPretrainKeys {
     type Data = NlvrPretrainData;
+    const BATCH_KEYS: (&'static str, &'static str) = ("batch_size", "batch_size");
     const TRAINING_KEYS: &'static [&'static str] = &[];
     fn train_file(data: &NlvrPretrainData) -> Option<&Files> {
         Some(&data.train_file)
@@ -663,5 +703,28 @@ mod reference_configs {
             let s = &t.schedule;
             assert_eq!((s.lr, s.min_lr, s.epochs, s.warmup_epochs), (1e-5, 1e-6, epochs, 1));
         }
+    }
+}
+
+#[cfg(test)]
+mod overrides {
+    use super::*;
+
+    #[test]
+    fn command_line_values_replace_the_files() {
+        let o = Overrides { batch_size_train: Some(4), batch_size_test: Some(2), image_res: Some(256) };
+        let cfg = RetrievalConfig::load_with(Path::new("configs/Retrieval_flickr.yaml"), true, &o).unwrap();
+        assert_eq!((cfg.training().unwrap().batch_size, cfg.task.batch_size_test), (4, 2));
+        assert_eq!(cfg.model_config().unwrap().vision.image_res, 256);
+        // NLVR.yaml has one batch size for training and evaluation.
+        let cfg = NlvrConfig::load_with(
+            Path::new("configs/NLVR.yaml"),
+            true,
+            &Overrides { batch_size_train: Some(4), ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!(cfg.task.batch_size, 4);
+        let e = NlvrConfig::load_with(Path::new("configs/NLVR.yaml"), true, &o).unwrap_err().to_string();
+        assert!(e.contains("one 'batch_size'"), "{e}");
     }
 }

@@ -1,5 +1,6 @@
 //! The task commands (`retrieval`, `vqa`, `nlvr-pretrain`, `nlvr`, `ve`), with the reference scripts' flags.
 
+use albef::config::Overrides;
 use albef::task::Task;
 use albef::tasks::classify::{self, ClassifyOptions};
 use albef::tasks::nlvr_pretrain;
@@ -40,6 +41,16 @@ pub struct CommonArgs {
     /// Loader worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Training batch size, in place of the config's (NLVR2: its one `batch_size`).
+    #[arg(long = "batch_size_train", alias = "batch-size-train")]
+    batch_size_train: Option<usize>,
+    /// Evaluation batch size, in place of the config's.
+    #[arg(long = "batch_size_test", alias = "batch-size-test")]
+    batch_size_test: Option<usize>,
+    /// Image resolution, in place of the config's `image_res` (position embeddings of a
+    /// checkpoint are interpolated to it).
+    #[arg(long = "image_res", alias = "image-res")]
+    image_res: Option<usize>,
     /// Accepted for compatibility with the reference; one process runs on one device.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     distributed: Option<String>,
@@ -63,6 +74,11 @@ impl CommonArgs {
             device: super::device(&self.device)?,
             workers: self.workers,
             stop_after_epoch: self.stop_after_epoch,
+            overrides: Overrides {
+                batch_size_train: self.batch_size_train,
+                batch_size_test: self.batch_size_test,
+                image_res: self.image_res,
+            },
         })
     }
 }

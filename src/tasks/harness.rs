@@ -100,10 +100,23 @@ pub trait TaskSpec: Sized {
     fn finish(&self, ctx: &Ctx<Self::Model>, outcome: Outcome) -> Result<Report>;
 }
 
+/// Adds the memory levers to a device out-of-memory error.
+fn explain_out_of_memory(e: anyhow::Error, batch_size: usize) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("OUT_OF_MEMORY") || text.contains("out of memory") {
+        e.context(format!(
+            "the device ran out of memory at batch size {batch_size}: try a smaller --batch_size_train \
+             (and --batch_size_test), a smaller --image_res, or another device"
+        ))
+    } else {
+        e
+    }
+}
+
 /// Runs a task: trains (unless `--evaluate`) and evaluates. Returns what `metrics.json` holds.
 pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value> {
     let training_run = !opts.evaluate;
-    let cfg = Config::<T::Keys>::load(&opts.config, training_run)?;
+    let cfg = Config::<T::Keys>::load_with(&opts.config, training_run, &opts.overrides)?;
     let model_cfg = cfg.model_config()?;
     let training = if training_run { Some(cfg.training()?) } else { None };
     let tokenizer = Tokenizer::from_path(&opts.text_encoder)?;
@@ -155,7 +168,8 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
                 &loader,
                 |batch, alpha, rng| task.step(&ctx, batch, alpha, rng),
                 |_epoch| task.validate(&ctx),
-            )?;
+            )
+            .map_err(|e| explain_out_of_memory(e, training.batch_size))?;
             match end {
                 FitEnd::Stopped(n) => return Ok(json!({"stopped_after_epoch": n})),
                 FitEnd::Finished { state, best_val } => {

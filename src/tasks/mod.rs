@@ -9,6 +9,7 @@ pub mod retrieval;
 pub mod vqa;
 
 use crate::checkpoint::{classify, load_into, read_checkpoint, remap, CheckpointKind, KeyReport, StateDict};
+use crate::config::Overrides;
 use crate::model::{
     ClassifierKind, ClassifierModel, ContrastiveModel, ModelConfig, Objective, TaskModel, TextAssignModel, VqaModel,
 };
@@ -36,6 +37,8 @@ pub struct RunOptions {
     pub workers: Option<usize>,
     /// Stop after this many completed epochs (continue later with `resume`).
     pub stop_after_epoch: Option<usize>,
+    /// Batch sizes and resolution given on the command line, in place of the config's.
+    pub overrides: Overrides,
 }
 
 impl RunOptions {
@@ -52,6 +55,7 @@ impl RunOptions {
             device: Device::Cpu,
             workers: None,
             stop_after_epoch: None,
+            overrides: Overrides::default(),
         }
     }
 }
