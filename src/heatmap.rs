@@ -145,7 +145,11 @@ pub fn figure(tiles: &[(RgbImage, String)], columns: usize, tile_width: u32) -> 
     let cols = columns.clamp(1, tiles.len().max(1));
     let rows = tiles.len().div_ceil(cols);
     let tile_h = scaled.iter().map(|t| t.height()).max().unwrap_or(1) + label_h;
-    let mut out = RgbImage::from_pixel(cols as u32 * (tile_width + pad) + pad, rows as u32 * (tile_h + pad) + pad, Rgb([255, 255, 255]));
+    let mut out = RgbImage::from_pixel(
+        cols as u32 * (tile_width + pad) + pad,
+        rows as u32 * (tile_h + pad) + pad,
+        Rgb([255, 255, 255]),
+    );
     let max_chars = ((tile_width - pad) / (GLYPH * scale)) as usize;
     for (i, (tile, (_, label))) in scaled.iter().zip(tiles).enumerate() {
         let (x, y) = (pad + (i % cols) as u32 * (tile_width + pad), pad + (i / cols) as u32 * (tile_h + pad));

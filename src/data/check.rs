@@ -8,7 +8,9 @@ use super::pretrain::PretrainDataset;
 use super::retrieval::{ImageRef, RetrievalEval, RetrievalTrain};
 use super::transform::RgbImage;
 use super::vqa::{read_answer_list, VqaDataset};
-use crate::config::{read_yaml, resolve, GroundingConfig, NlvrConfig, NlvrPretrainConfig, RetrievalConfig, VeConfig, VqaConfig};
+use crate::config::{
+    read_yaml, resolve, GroundingConfig, NlvrConfig, NlvrPretrainConfig, RetrievalConfig, VeConfig, VqaConfig,
+};
 use crate::progress::Progress;
 use crate::task::Task;
 use anyhow::{bail, Context, Result};

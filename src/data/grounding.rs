@@ -36,7 +36,11 @@ impl GroundingTrain {
                 let name = image.rsplit('/').next().unwrap_or(image).to_string();
                 let n = ids.len() as i64;
                 let idx = *ids.entry(name).or_insert(n);
-                out.push((ImageRef { path: image_root.join(image), origin: e.location() }, pre_caption(text, MAX_WORDS), idx));
+                out.push((
+                    ImageRef { path: image_root.join(image), origin: e.location() },
+                    pre_caption(text, MAX_WORDS),
+                    idx,
+                ));
             }
         }
         Ok(Self { entries: out, res })
@@ -176,9 +180,8 @@ impl Refer {
         let list =
             refs_value.as_array().with_context(|| format!("{}: expected a list of refs", refs_file.display()))?;
         let inst = read_json(instances_file)?;
-        let section = |k: &str| {
-            inst[k].as_array().with_context(|| format!("{}: no '{k}' list", instances_file.display()))
-        };
+        let section =
+            |k: &str| inst[k].as_array().with_context(|| format!("{}: no '{k}' list", instances_file.display()));
         let mut sizes: HashMap<i64, (usize, usize)> = HashMap::new();
         for (i, im) in section("images")?.iter().enumerate() {
             let at = || format!("{}: image {i}", instances_file.display());
@@ -187,7 +190,8 @@ impl Refer {
         let mut boxes: HashMap<i64, [f64; 4]> = HashMap::new();
         for (i, a) in section("annotations")?.iter().enumerate() {
             let at = || format!("{}: annotation {i}", instances_file.display());
-            let b: Vec<f64> = a["bbox"].as_array().map(|b| b.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+            let b: Vec<f64> =
+                a["bbox"].as_array().map(|b| b.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
             if b.len() != 4 {
                 bail!("{} has no 'bbox' of 4 numbers", at());
             }
@@ -228,7 +232,8 @@ impl Dets {
                 .with_context(|| format!("{}: image {image_id}: expected a list of boxes", file.display()))?;
             let mut out = Vec::with_capacity(list.len());
             for (j, d) in list.iter().enumerate() {
-                let b: Vec<f64> = d.as_array().map(|b| b.iter().take(4).filter_map(Value::as_f64).collect()).unwrap_or_default();
+                let b: Vec<f64> =
+                    d.as_array().map(|b| b.iter().take(4).filter_map(Value::as_f64).collect()).unwrap_or_default();
                 if b.len() != 4 {
                     bail!("{}: image {image_id}, box {j} is not a list starting with 4 numbers", file.display());
                 }

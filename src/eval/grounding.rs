@@ -46,11 +46,11 @@ pub fn attention_and_gradient(
 ) -> Result<Attn> {
     let (loss, probs) = match mode {
         GradcamMode::Itm => {
-            let (logits, probs) = model.itm_probe(image, ids, mask, block)?;
+            let (logits, probs) = model.itm_probe(image, ids, mask, block, None)?;
             (logits.narrow(1, 1, 1)?.sum_all()?, probs)
         }
         GradcamMode::Itc => {
-            let (diag, probs) = model.itc_probe(image, ids, mask, block)?;
+            let (diag, probs) = model.itc_probe(image, ids, mask, block, None)?;
             (diag.sum_all()?, probs)
         }
     };

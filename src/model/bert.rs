@@ -102,11 +102,22 @@ impl Attention {
     /// [`Attention::forward`] in evaluation, with the attention probabilities (B, H, Lq, Lk)
     /// returned as a fresh [`Var`] that the rest of the forward reads, so that a backward pass
     /// gives their gradient (the reference's `save_attention` / `attn_gradients` hooks). Nothing
-    /// upstream of the probabilities is differentiated.
-    fn forward_probe(&self, x: &Tensor, kv_states: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Var)> {
+    /// upstream of the probabilities is differentiated. `perturb` is added to the probabilities
+    /// the rest reads (finite-difference checks of their gradient).
+    fn forward_probe(
+        &self,
+        x: &Tensor,
+        kv_states: &Tensor,
+        mask: Option<&Tensor>,
+        perturb: Option<&Tensor>,
+    ) -> Result<(Tensor, Var)> {
         let probs = attention_probs(&self.query.forward(x)?, &self.key.forward(kv_states)?, self.heads, mask)?;
         let probs = Var::from_tensor(&probs.detach())?;
-        let ctx = attention_context(probs.as_tensor(), &self.value.forward(kv_states)?, self.heads)?;
+        let read = match perturb {
+            Some(d) => (probs.as_tensor() + d)?,
+            None => probs.as_tensor().clone(),
+        };
+        let ctx = attention_context(&read, &self.value.forward(kv_states)?, self.heads)?;
         Ok((self.norm.forward(&(self.dense.forward(&ctx)? + x)?)?, probs))
     }
 }
@@ -138,10 +149,16 @@ impl Layer {
     }
 
     /// [`Layer::forward`] in evaluation, returning the cross-attention probabilities as a [`Var`].
-    fn forward_probe(&self, x: &Tensor, mask: &Tensor, states: &Tensor, cmask: Option<&Tensor>) -> Result<(Tensor, Var)> {
+    fn forward_probe(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        states: &Tensor,
+        perturb: Option<&Tensor>,
+    ) -> Result<(Tensor, Var)> {
         let h = self.attention.forward(x, x, Some(mask), false)?;
         let Some(cross) = &self.cross else { candle_core::bail!("this BERT layer has no cross-attention") };
-        let (h, probs) = cross.forward_probe(&h, states, cmask)?;
+        let (h, probs) = cross.forward_probe(&h, states, None, perturb)?;
         let ff = self.output.forward(&self.intermediate.forward(&h)?.gelu_erf()?)?;
         Ok((self.norm.forward(&(ff + h)?)?, probs))
     }
@@ -295,13 +312,15 @@ impl BertModel {
     /// The multi-modal forward of evaluation (all layers, from token ids, cross-attending
     /// `image`), with the cross-attention probabilities (B, H, L, Lk) of layer `probe` returned
     /// as a [`Var`]: the backward of anything computed from the output gives their gradient.
-    /// The states entering layer `probe` are detached, so the backward stops there.
+    /// The states entering layer `probe` are detached, so the backward stops there; `perturb`
+    /// (same shape) is added to the probabilities the layer reads.
     pub fn forward_probing_cross(
         &self,
         ids: &Tensor,
         mask: &Tensor,
         image: &Tensor,
         probe: usize,
+        perturb: Option<&Tensor>,
     ) -> Result<(Tensor, Var)> {
         if probe >= self.layers.len() || self.layers[probe].cross.is_none() {
             candle_core::bail!(
@@ -317,7 +336,7 @@ impl BertModel {
             h = self.layers[l].forward(&h, &self_mask, c, false)?;
         }
         let image = image.detach();
-        let (mut h, probs) = self.layers[probe].forward_probe(&h.detach(), &self_mask, &image, None)?;
+        let (mut h, probs) = self.layers[probe].forward_probe(&h.detach(), &self_mask, &image, perturb)?;
         for l in probe + 1..self.layers.len() {
             h = self.layers[l].forward(&h, &self_mask, Some((&image, None)), false)?;
         }

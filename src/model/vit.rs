@@ -44,12 +44,16 @@ impl Block {
 
     /// [`Block::forward`] with the self-attention probabilities (B, H, N, N) returned as a
     /// fresh [`Var`] the rest of the block reads (the reference's `register_hook`).
-    fn forward_probe(&self, x: &Tensor) -> Result<(Tensor, Var)> {
+    fn forward_probe(&self, x: &Tensor, perturb: Option<&Tensor>) -> Result<(Tensor, Var)> {
         let d = x.dim(2)?;
         let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
         let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         let probs = Var::from_tensor(&attention_probs(&q, &k, self.heads, None)?.detach())?;
-        let x = (x + self.proj.forward(&attention_context(probs.as_tensor(), &v, self.heads)?)?)?;
+        let read = match perturb {
+            Some(p) => (probs.as_tensor() + p)?,
+            None => probs.as_tensor().clone(),
+        };
+        let x = (x + self.proj.forward(&attention_context(&read, &v, self.heads)?)?)?;
         let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
         Ok(((x + self.fc2.forward(&h)?)?, probs))
     }
@@ -116,7 +120,8 @@ impl VisionTransformer {
 
     /// [`VisionTransformer::forward`] with block `probe`'s attention probabilities returned as a
     /// [`Var`] (the reference's `register_blk`); the backward stops at that block's input.
-    pub fn forward_probe(&self, image: &Tensor, probe: usize) -> Result<(Tensor, Var)> {
+    /// `perturb` is added to the probabilities the block reads.
+    pub fn forward_probe(&self, image: &Tensor, probe: usize, perturb: Option<&Tensor>) -> Result<(Tensor, Var)> {
         if probe >= self.blocks.len() {
             candle_core::bail!("the image encoder has blocks 0..{}, not {probe}", self.blocks.len().saturating_sub(1))
         }
@@ -127,7 +132,7 @@ impl VisionTransformer {
         for block in &self.blocks[..probe] {
             x = block.forward(&x)?;
         }
-        let (mut x, probs) = self.blocks[probe].forward_probe(&x.detach())?;
+        let (mut x, probs) = self.blocks[probe].forward_probe(&x.detach(), perturb)?;
         for block in &self.blocks[probe + 1..] {
             x = block.forward(&x)?;
         }

@@ -47,7 +47,8 @@ pub struct PairMaps {
 pub fn read_pairs(path: &Path) -> Result<Vec<(PathBuf, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let list = v.as_array().with_context(|| format!("{}: expected a JSON list of (image, text) pairs", path.display()))?;
+    let list =
+        v.as_array().with_context(|| format!("{}: expected a JSON list of (image, text) pairs", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new(""));
     list.iter()
         .enumerate()

@@ -124,11 +124,19 @@ impl Grounding {
             let images = image_batch(batch.iter().map(Vec::as_slice), v.image_res, &dev)?;
             let texts: Vec<&str> = self.test.expressions[offset..offset + n].iter().map(|e| e.text.as_str()).collect();
             // `tokenizer(text, padding='longest')`: no truncation in evaluation.
-            let (ids, mask) = ctx.tokenizer.encode_batch(&texts, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
-            let attn = attention_and_gradient(model, &images, &ids, &mask, self.settings.mode, self.settings.block_num)?;
+            let (ids, mask) =
+                ctx.tokenizer.encode_batch(&texts, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
+            let attn =
+                attention_and_gradient(model, &images, &ids, &mask, self.settings.mode, self.settings.block_num)?;
             let m = gradcam_maps(&attn, &mask, self.settings.mode)?;
             if m.dim(1)? != grid.0 * grid.1 {
-                bail!("the attention has {} image cells, the {}x{} grid wants {}", m.dim(1)?, grid.0, grid.1, grid.0 * grid.1);
+                bail!(
+                    "the attention has {} image cells, the {}x{} grid wants {}",
+                    m.dim(1)?,
+                    grid.0,
+                    grid.1,
+                    grid.0 * grid.1
+                );
             }
             maps.extend(m.flatten_all()?.to_vec1::<f32>()?);
             offset += n;
