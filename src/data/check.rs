@@ -56,7 +56,10 @@ pub const LAYOUT: [(&str, &str, Task); 6] = [
 fn rebase(v: &mut Value, root: &Path) {
     match v {
         Value::String(s) => {
-            if let Some(rest) = s.strip_prefix("data/") {
+            // Grounding.yaml's `refcoco_data: 'data'` names the folder itself.
+            if s == "data" {
+                *s = root.display().to_string();
+            } else if let Some(rest) = s.strip_prefix("data/") {
                 *s = root.join(rest).display().to_string();
             }
         }

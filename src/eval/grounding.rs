@@ -1,7 +1,7 @@
 //! Weakly-supervised grounding: Grad-CAM maps as Grounding.py's `val` computes them, and box
 //! selection and IoU as `dataset/utils.py::grounding_eval` / `computeIoU` do.
 
-use crate::checkpoint::torch_interpolate_bicubic;
+use crate::checkpoint::torch_upsample_bicubic_plane;
 use crate::model::ContrastiveModel;
 use candle_core::{DType, Result, Tensor, D};
 use std::ops::Range;
@@ -93,7 +93,7 @@ pub fn gradcam_maps(a: &Attn, mask: &Tensor, mode: GradcamMode) -> Result<Tensor
 /// `F.interpolate(map.view(1, 1, gh, gw), size=(H, W), mode='bicubic')` (A = −0.75,
 /// `align_corners=False`): row-major (H, W).
 pub fn upsample(map: &[f32], gh: usize, gw: usize, height: usize, width: usize) -> Vec<f32> {
-    torch_interpolate_bicubic(map, 1, gh, gw, height, width)
+    torch_upsample_bicubic_plane(map, gh, gw, height, width)
 }
 
 /// The indices a Python / PyTorch slice `start:stop` selects from a dimension of length `len`:
