@@ -595,6 +595,42 @@ impl TaskKeys for NlvrPretrainKeys {
     }
 }
 
+// --- Grounding (Grounding.yaml) ---
+
+/// Grounding data keys (`Grounding.yaml`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GroundingData {
+    pub train_file: Option<Files>,
+    /// Evaluation expressions, in order (the reference's val then test file).
+    pub test_file: Files,
+    /// Folder holding the REFER data (`refcoco+/refs(unc).p`, `refcoco+/instances.json`).
+    pub refcoco_data: String,
+    /// MAttNet proposals (`dets.json`).
+    pub det_file: String,
+    /// Loaded and never used by Grounding.py; checked when present.
+    pub coco_file: Option<String>,
+    pub image_root: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GroundingKeys {
+    /// Training and evaluation batch size (the reference uses one for both).
+    pub batch_size: usize,
+}
+
+impl TaskKeys for GroundingKeys {
+    type Data = GroundingData;
+    const TRAINING_KEYS: &'static [&'static str] = &["train_file"];
+    fn train_file(data: &GroundingData) -> Option<&Files> {
+        data.train_file.as_ref()
+    }
+    fn train_batch(&self) -> (Option<usize>, &'static str) {
+        (Some(self.batch_size), "batch_size")
+    }
+}
+
+pub type GroundingConfig = Config<GroundingKeys>;
+
 pub type RetrievalConfig = Config<RetrievalKeys>;
 pub type VqaConfig = Config<VqaKeys>;
 pub type VeConfig = Config<VeKeys>;
@@ -689,6 +725,10 @@ mod reference_configs {
         VeConfig::load(Path::new("configs/VE.yaml"), true).unwrap().model_config().unwrap();
         NlvrConfig::load(Path::new("configs/NLVR.yaml"), true).unwrap().model_config().unwrap();
         NlvrPretrainConfig::load(Path::new("configs/NLVR_pretrain.yaml"), true).unwrap().model_config().unwrap();
+        let g = GroundingConfig::load(Path::new("configs/Grounding.yaml"), true).unwrap();
+        assert_eq!(g.model_config().unwrap(), ModelConfig::default(), "Grounding: ViT-B/16 + bert-base at 384");
+        assert_eq!(g.task.batch_size, 32);
+        assert_eq!(g.data.refcoco_data, "data");
     }
 
     #[test]

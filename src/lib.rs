@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod heatmap;
 pub mod model;
 pub mod nn;
 pub mod progress;

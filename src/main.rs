@@ -34,6 +34,10 @@ enum Command {
     NlvrPretrain(cli::tasks::CommonArgs),
     /// NLVR2: fine-tune and evaluate from the text-assignment checkpoint, as NLVR.py.
     Nlvr(cli::tasks::ClassifyArgs),
+    /// Weakly-supervised grounding on RefCOCO+: fine-tune and evaluate with Grad-CAM, as Grounding.py.
+    Grounding(cli::tasks::GroundingArgs),
+    /// Grad-CAM pictures of expressions on images (per word and whole), as visualization.ipynb.
+    Gradcam(cli::tasks::GradcamArgs),
     /// Datasets: prepare the official files, check a config's files and images, generate the synthetic one.
     #[command(subcommand)]
     Data(cli::data::DataCommand),
@@ -51,6 +55,8 @@ fn main() {
         Command::NlvrPretrain(a) => cli::tasks::nlvr_pretrain(a),
         Command::Ve(a) => cli::tasks::classify(albef::task::Task::Ve, a),
         Command::Nlvr(a) => cli::tasks::classify(albef::task::Task::Nlvr, a),
+        Command::Grounding(a) => cli::tasks::grounding(a),
+        Command::Gradcam(a) => cli::tasks::gradcam(a),
         Command::Data(c) => cli::data::run(c),
         Command::Bench(a) => cli::bench::run(a),
     };

@@ -58,6 +58,38 @@ pub fn torch_interpolate_bicubic(
     out
 }
 
+/// [`torch_interpolate_bicubic`] of one plane, bit for bit, in two passes: each source row is
+/// interpolated along x once (instead of once per output row), then the columns along y. The
+/// same products are summed in the same order, so the result is identical; ~4× fewer operations
+/// when upsampling a small grid to an image (grounding's Grad-CAM maps).
+pub fn torch_upsample_bicubic_plane(plane: &[f32], h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+    let clamp = |v: i64, n: usize| v.clamp(0, n as i64 - 1) as usize;
+    let xs: Vec<(i64, [f32; 4])> = (0..out_w).map(|ox| taps(ox, w, out_w)).collect();
+    let mut rows = vec![0f32; h * out_w];
+    for yy in 0..h {
+        for (ox, (x0, wx)) in xs.iter().enumerate() {
+            let mut row = 0f32;
+            for (i, wxi) in wx.iter().enumerate() {
+                row += plane[yy * w + clamp(x0 - 1 + i as i64, w)] * wxi;
+            }
+            rows[yy * out_w + ox] = row;
+        }
+    }
+    let mut out = vec![0f32; out_h * out_w];
+    for oy in 0..out_h {
+        let (y0, wy) = taps(oy, h, out_h);
+        let src: [usize; 4] = std::array::from_fn(|j| clamp(y0 - 1 + j as i64, h));
+        for ox in 0..out_w {
+            let mut acc = 0f32;
+            for (j, wyj) in wy.iter().enumerate() {
+                acc += rows[src[j] * out_w + ox] * wyj;
+            }
+            out[oy * out_w + ox] = acc;
+        }
+    }
+    out
+}
+
 /// (1, n_extra + g_old², E) → (1, n_extra + g_new², E). Unchanged when the grids agree.
 pub fn interpolate_pos_embed(pos: &Tensor, num_patches_new: usize, n_extra: usize) -> Result<Tensor> {
     let (_, n_old, e) = pos.dims3()?;
@@ -75,4 +107,19 @@ pub fn interpolate_pos_embed(pos: &Tensor, num_patches_new: usize, n_extra: usiz
     let resized = torch_interpolate_bicubic(&grid, e, g_old, g_old, g_new, g_new);
     let resized = Tensor::from_vec(resized, (e, g_new * g_new), pos.device())?.t()?.unsqueeze(0)?;
     Tensor::cat(&[&extra.to_dtype(resized.dtype())?, &resized], 1)?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_two_pass_plane_upsampling_is_bit_identical() {
+        let plane: Vec<f32> = (0..24 * 24).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 9.0).collect();
+        for (oh, ow) in [(480, 640), (37, 53), (24, 24), (5, 9)] {
+            let a = torch_interpolate_bicubic(&plane, 1, 24, 24, oh, ow);
+            let b = torch_upsample_bicubic_plane(&plane, 24, 24, oh, ow);
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{oh}x{ow}");
+        }
+    }
 }

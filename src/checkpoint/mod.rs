@@ -7,7 +7,7 @@ mod kind;
 mod load;
 mod remap;
 
-pub use interpolate::{interpolate_pos_embed, torch_interpolate_bicubic};
+pub use interpolate::{interpolate_pos_embed, torch_interpolate_bicubic, torch_upsample_bicubic_plane};
 pub use io::{read_checkpoint, save_safetensors, Checkpoint, FileFormat, StateDict};
 pub use kind::{classify, CheckpointKind};
 pub use load::{load_into, KeyReport};

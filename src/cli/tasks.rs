@@ -136,3 +136,86 @@ pub fn vqa(a: VqaArgs) -> Result<()> {
 pub fn nlvr_pretrain(c: CommonArgs) -> Result<()> {
     print(&nlvr_pretrain::run(&c.into_run("./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")?)?)
 }
+
+// --- Grounding (Grounding.py) and Grad-CAM pictures (visualization.ipynb) ---
+
+#[derive(Args)]
+pub struct GroundingArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// itm: cross-attention of a BERT fusion layer and the ITM logit; itc: a ViT block's CLS
+    /// self-attention and the ITC similarity.
+    #[arg(long = "gradcam_mode", alias = "gradcam-mode", default_value = "itm")]
+    gradcam_mode: albef::eval::grounding::GradcamMode,
+    /// BERT layer (itm) or ViT block (itc) whose attention makes the map.
+    #[arg(long = "block_num", alias = "block-num", default_value_t = 8)]
+    block_num: usize,
+    /// Also write output_dir/gradcam.safetensors (`maps`, [N, grid_h, grid_w], loader order).
+    #[arg(long = "save-maps", alias = "save_maps")]
+    save_maps: bool,
+}
+
+pub fn grounding(a: GroundingArgs) -> Result<()> {
+    use albef::tasks::grounding::{self, GradcamSettings, GroundingOptions};
+    let run = a.common.into_run("./configs/Grounding.yaml", "output/RefCOCO")?;
+    let gradcam = GradcamSettings { mode: a.gradcam_mode, block_num: a.block_num, save_maps: a.save_maps };
+    print(&grounding::run(&GroundingOptions { run, gradcam })?)
+}
+
+#[derive(Args)]
+pub struct GradcamArgs {
+    /// A YAML that sizes the model (configs/Grounding.yaml or any task config).
+    #[arg(long, default_value = "./configs/Grounding.yaml")]
+    config: PathBuf,
+    /// refcoco.pth, another ALBEF checkpoint, or one albef wrote.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long = "text_encoder", alias = "text-encoder", default_value = "bert-base-uncased")]
+    text_encoder: PathBuf,
+    #[arg(long = "output_dir", alias = "output-dir", default_value = "output/gradcam")]
+    output_dir: PathBuf,
+    /// The image, for every --text.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// An expression (repeat for several).
+    #[arg(long)]
+    text: Vec<String>,
+    /// A JSON list of pairs: [{"image": ..., "text": ...}] or [[image, text]].
+    #[arg(long)]
+    pairs: Option<PathBuf>,
+    /// BERT layer whose cross-attention makes the map (the notebook's 8).
+    #[arg(long = "block_num", alias = "block-num", default_value_t = 8)]
+    block_num: usize,
+    /// Do not blur the displayed maps (the notebook blurs with σ = 0.02·max(H, W)).
+    #[arg(long = "no-blur")]
+    no_blur: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn gradcam(a: GradcamArgs) -> Result<()> {
+    use albef::tasks::gradcam::{self, read_pairs, GradcamOptions};
+    let mut pairs = Vec::new();
+    match (&a.image, a.text.is_empty()) {
+        (Some(image), false) => pairs.extend(a.text.iter().map(|t| (image.clone(), t.clone()))),
+        (Some(_), true) => anyhow::bail!("--image needs at least one --text"),
+        (None, false) => anyhow::bail!("--text needs --image"),
+        (None, true) => {}
+    }
+    if let Some(p) = &a.pairs {
+        pairs.extend(read_pairs(p)?);
+    }
+    let opts = GradcamOptions {
+        config: a.config,
+        checkpoint: a.checkpoint,
+        text_encoder: a.text_encoder,
+        output_dir: a.output_dir,
+        pairs,
+        block_num: a.block_num,
+        blur: !a.no_blur,
+        device: super::device(&a.device)?,
+    };
+    let index = gradcam::run(&opts)?;
+    eprintln!("wrote {} pair(s) to {}", index.as_array().map_or(0, Vec::len), opts.output_dir.display());
+    Ok(())
+}

@@ -8,10 +8,12 @@ use super::pretrain::PretrainDataset;
 use super::retrieval::{ImageRef, RetrievalEval, RetrievalTrain};
 use super::transform::RgbImage;
 use super::vqa::{read_answer_list, VqaDataset};
-use crate::config::{read_yaml, resolve, NlvrConfig, NlvrPretrainConfig, RetrievalConfig, VeConfig, VqaConfig};
+use crate::config::{
+    read_yaml, resolve, GroundingConfig, NlvrConfig, NlvrPretrainConfig, RetrievalConfig, VeConfig, VqaConfig,
+};
 use crate::progress::Progress;
 use crate::task::Task;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_norway::Value;
 use std::collections::BTreeSet;
@@ -41,19 +43,23 @@ pub fn check_config(path: &Path, task: Task) -> Result<CheckReport> {
 }
 
 /// The shipped configs' data folders, for `--root`.
-pub const LAYOUT: [(&str, &str, Task); 5] = [
+pub const LAYOUT: [(&str, &str, Task); 6] = [
     ("flickr30k", "configs/Retrieval_flickr.yaml", Task::Retrieval),
     ("coco", "configs/Retrieval_coco.yaml", Task::Retrieval),
     ("vqa", "configs/VQA.yaml", Task::Vqa),
     ("nlvr2", "configs/NLVR.yaml", Task::Nlvr),
     ("snli_ve", "configs/VE.yaml", Task::Ve),
+    ("refcoco+", "configs/Grounding.yaml", Task::Grounding),
 ];
 
 /// Rewrites every `data/…` path of a config to `root/…`.
 fn rebase(v: &mut Value, root: &Path) {
     match v {
         Value::String(s) => {
-            if let Some(rest) = s.strip_prefix("data/") {
+            // Grounding.yaml's `refcoco_data: 'data'` names the folder itself.
+            if s == "data" {
+                *s = root.display().to_string();
+            } else if let Some(rest) = s.strip_prefix("data/") {
                 *s = root.join(rest).display().to_string();
             }
         }
@@ -146,7 +152,50 @@ fn annotations(value: Value, path: &Path, task: Task) -> Result<Vec<(PathBuf, us
                 out.push((f, d.len(), d.images().cloned().collect()));
             }
         }
-        Task::Pretrain | Task::Grounding => bail!("albef data check does not know the {task} task's files yet"),
+        Task::Grounding => out.extend(grounding_files(value, path)?),
+        Task::Pretrain => bail!("albef data check does not know the {task} task's files yet"),
+    }
+    Ok(out)
+}
+
+// --- Grounding (Grounding.yaml) ---
+
+/// Grounding's files: the expression files (train and test), the REFER refs and
+/// `instances.json`, `dets.json` and `cocos.json`; every test expression must have its ref and
+/// proposals.
+fn grounding_files(value: Value, path: &Path) -> Result<Vec<(PathBuf, usize, Vec<ImageRef>)>> {
+    use super::grounding::{check_coverage, find_refer, Dets, GroundingEval, GroundingTrain, Refer};
+    let (data, model) = GroundingConfig::data_keys(value, path)?;
+    let (res, root) = (model.image_res.unwrap_or(384), PathBuf::from(&data.image_root));
+    let mut out = Vec::new();
+    for f in data.train_file.iter().flat_map(|f| f.names()) {
+        let f = resolve(path, f)?;
+        let d = GroundingTrain::new(std::slice::from_ref(&f), &root, res)?;
+        out.push((f, d.len(), d.images().cloned().collect()));
+    }
+    let mut test = Vec::new();
+    for f in data.test_file.names() {
+        let f = resolve(path, f)?;
+        let d = GroundingEval::new(std::slice::from_ref(&f), &root, res)?;
+        out.push((f, d.len(), d.expressions.iter().map(|e| e.image.clone()).collect()));
+        test.push(d);
+    }
+    let (refs, instances) = find_refer(&resolve(path, &data.refcoco_data)?)?;
+    let refer = Refer::open(&refs, &instances)?;
+    out.push((refs, refer.refs.len(), Vec::new()));
+    out.push((instances, refer.refs.len(), Vec::new()));
+    let dets = Dets::open(&resolve(path, &data.det_file)?)?;
+    out.push((dets.file.clone(), dets.boxes.len(), Vec::new()));
+    for d in &test {
+        check_coverage(d, &refer, &dets)?;
+    }
+    if let Some(c) = &data.coco_file {
+        let c = resolve(path, c)?;
+        let text = std::fs::read_to_string(&c).with_context(|| format!("cannot read {}", c.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", c.display()))?;
+        let n = v.as_array().map(Vec::len).or_else(|| v.as_object().map(|o| o.len())).unwrap_or(1);
+        out.push((c, n, Vec::new()));
     }
     Ok(out)
 }

@@ -7,6 +7,7 @@ pub mod annotations;
 pub mod augment;
 pub mod check;
 pub mod classify;
+pub mod grounding;
 pub mod loader;
 pub mod prepare;
 pub mod pretrain;

@@ -40,7 +40,7 @@ fn to_json(v: serde_pickle::Value) -> Value {
     }
 }
 
-fn read_pickle(path: &Path) -> Result<Value> {
+pub(crate) fn read_pickle(path: &Path) -> Result<Value> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let v = serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new().decode_strings())
         .map_err(|e| anyhow::anyhow!("{} is not a readable pickle ({e}); truncated download?", path.display()))?;

@@ -8,7 +8,7 @@ use super::config::BertConfig;
 use crate::nn::{
     attention_context, attention_probs, attention_shared_kv, dropout, Embedding, Init, LayerNorm, Linear, ParamBuilder,
 };
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
 
 /// Which layers run, as `BertEncoder.forward(mode=…)` in the reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +98,28 @@ impl Attention {
         let out = dropout(&self.dense.forward(&ctx)?, self.hidden_dropout, train)?;
         self.norm.forward(&(out + x)?)
     }
+
+    /// [`Attention::forward`] in evaluation, with the attention probabilities (B, H, Lq, Lk)
+    /// returned as a fresh [`Var`] that the rest of the forward reads, so that a backward pass
+    /// gives their gradient (the reference's `save_attention` / `attn_gradients` hooks). Nothing
+    /// upstream of the probabilities is differentiated. `perturb` is added to the probabilities
+    /// the rest reads (finite-difference checks of their gradient).
+    fn forward_probe(
+        &self,
+        x: &Tensor,
+        kv_states: &Tensor,
+        mask: Option<&Tensor>,
+        perturb: Option<&Tensor>,
+    ) -> Result<(Tensor, Var)> {
+        let probs = attention_probs(&self.query.forward(x)?, &self.key.forward(kv_states)?, self.heads, mask)?;
+        let probs = Var::from_tensor(&probs.detach())?;
+        let read = match perturb {
+            Some(d) => (probs.as_tensor() + d)?,
+            None => probs.as_tensor().clone(),
+        };
+        let ctx = attention_context(&read, &self.value.forward(kv_states)?, self.heads)?;
+        Ok((self.norm.forward(&(self.dense.forward(&ctx)? + x)?)?, probs))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +146,21 @@ impl Layer {
         }
         let ff = self.output.forward(&self.intermediate.forward(&h)?.gelu_erf()?)?;
         self.norm.forward(&(dropout(&ff, self.hidden_dropout, train)? + h)?)
+    }
+
+    /// [`Layer::forward`] in evaluation, returning the cross-attention probabilities as a [`Var`].
+    fn forward_probe(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        states: &Tensor,
+        perturb: Option<&Tensor>,
+    ) -> Result<(Tensor, Var)> {
+        let h = self.attention.forward(x, x, Some(mask), false)?;
+        let Some(cross) = &self.cross else { candle_core::bail!("this BERT layer has no cross-attention") };
+        let (h, probs) = cross.forward_probe(&h, states, None, perturb)?;
+        let ff = self.output.forward(&self.intermediate.forward(&h)?.gelu_erf()?)?;
+        Ok((self.norm.forward(&(ff + h)?)?, probs))
     }
 }
 
@@ -260,6 +297,50 @@ impl BertModel {
             h = self.layers[l].forward(&h, &self_mask, c, train)?;
         }
         Ok(h)
+    }
+}
+
+impl BertModel {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn fusion_layer(&self) -> usize {
+        self.fusion_layer
+    }
+
+    /// The multi-modal forward of evaluation (all layers, from token ids, cross-attending
+    /// `image`), with the cross-attention probabilities (B, H, L, Lk) of layer `probe` returned
+    /// as a [`Var`]: the backward of anything computed from the output gives their gradient.
+    /// The states entering layer `probe` are detached, so the backward stops there; `perturb`
+    /// (same shape) is added to the probabilities the layer reads.
+    pub fn forward_probing_cross(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        image: &Tensor,
+        probe: usize,
+        perturb: Option<&Tensor>,
+    ) -> Result<(Tensor, Var)> {
+        if probe >= self.layers.len() || self.layers[probe].cross.is_none() {
+            candle_core::bail!(
+                "BERT layer {probe} has no cross-attention (layers {}..{} have)",
+                self.fusion_layer,
+                self.layers.len().saturating_sub(1)
+            )
+        }
+        let self_mask = additive_mask(mask, -10000.0)?;
+        let mut h = self.embeddings.forward(ids, false)?;
+        for l in 0..probe {
+            let c = (l >= self.fusion_layer).then_some((image, None));
+            h = self.layers[l].forward(&h, &self_mask, c, false)?;
+        }
+        let image = image.detach();
+        let (mut h, probs) = self.layers[probe].forward_probe(&h.detach(), &self_mask, &image, perturb)?;
+        for l in probe + 1..self.layers.len() {
+            h = self.layers[l].forward(&h, &self_mask, Some((&image, None)), false)?;
+        }
+        Ok((h, probs))
     }
 }
 

@@ -154,6 +154,46 @@ impl ContrastiveModel {
         self.itm_head.forward(&cls(fused)?)
     }
 
+    /// Grad-CAM's `itm` mode (Grounding.py `val`): the ITM logits (B, 2) of the full encoder
+    /// on `ids` cross-attending the image, with the cross-attention probabilities (B, H, L, 1+N)
+    /// of BERT layer `layer` as a [`Var`] whose gradient a backward pass gives (`perturb`, if
+    /// given, is added to the probabilities the layer reads).
+    pub fn itm_probe(
+        &self,
+        image: &Tensor,
+        ids: &Tensor,
+        mask: &Tensor,
+        layer: usize,
+        perturb: Option<&Tensor>,
+    ) -> Result<(Tensor, Var)> {
+        // Only the probabilities' gradient is wanted: the image encoder is not differentiated.
+        let image_embeds = self.online.visual.forward(image)?.detach();
+        let (h, probs) = self.online.text.forward_probing_cross(ids, mask, &image_embeds, layer, perturb)?;
+        Ok((self.itm_head.forward(&cls(&h)?)?, probs))
+    }
+
+    /// Grad-CAM's `itc` mode: the diagonal of `image_feat · text_featᵀ / τ` (B,) with the
+    /// self-attention probabilities (B, H, 1+N, 1+N) of ViT block `block` as a [`Var`].
+    pub fn itc_probe(
+        &self,
+        image: &Tensor,
+        ids: &Tensor,
+        mask: &Tensor,
+        block: usize,
+        perturb: Option<&Tensor>,
+    ) -> Result<(Tensor, Var)> {
+        let (embeds, probs) = self.online.visual.forward_probe(image, block, perturb)?;
+        let image_feat = l2_normalize(&self.online.vision_proj.forward(&cls(&embeds)?)?)?;
+        let (_, text_feat) = self.online.text(ids, mask, false)?;
+        let diag = (image_feat * text_feat.detach())?.sum(1)?.broadcast_div(self.temp.as_tensor())?;
+        Ok((diag, probs))
+    }
+
+    /// BERT layer count and first fusion layer.
+    pub fn text_layers(&self) -> (usize, usize) {
+        (self.online.text.num_layers(), self.online.text.fusion_layer())
+    }
+
     /// MLM logits (B, L, V) of the full encoder on `ids` cross-attending `image_embeds`.
     pub fn mlm_logits(&self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor) -> Result<Tensor> {
         let head =

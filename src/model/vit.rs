@@ -3,8 +3,8 @@
 //! norm over all tokens. Returns the full sequence (B, 1 + N, D); index 0 is the image CLS.
 
 use super::config::VisionConfig;
-use crate::nn::{attention, Init, LayerNorm, Linear, ParamBuilder};
-use candle_core::{Result, Tensor};
+use crate::nn::{attention, attention_context, attention_probs, Init, LayerNorm, Linear, ParamBuilder};
+use candle_core::{Result, Tensor, Var};
 
 #[derive(Clone, Debug)]
 struct Block {
@@ -40,6 +40,22 @@ impl Block {
         let x = (x + self.proj.forward(&attention(&q, &k, &v, self.heads, None)?)?)?;
         let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
         x + self.fc2.forward(&h)?
+    }
+
+    /// [`Block::forward`] with the self-attention probabilities (B, H, N, N) returned as a
+    /// fresh [`Var`] the rest of the block reads (the reference's `register_hook`).
+    fn forward_probe(&self, x: &Tensor, perturb: Option<&Tensor>) -> Result<(Tensor, Var)> {
+        let d = x.dim(2)?;
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
+        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
+        let probs = Var::from_tensor(&attention_probs(&q, &k, self.heads, None)?.detach())?;
+        let read = match perturb {
+            Some(p) => (probs.as_tensor() + p)?,
+            None => probs.as_tensor().clone(),
+        };
+        let x = (x + self.proj.forward(&attention_context(&read, &v, self.heads)?)?)?;
+        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        Ok(((x + self.fc2.forward(&h)?)?, probs))
     }
 }
 
@@ -100,5 +116,26 @@ impl VisionTransformer {
             x = block.forward(&x)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// [`VisionTransformer::forward`] with block `probe`'s attention probabilities returned as a
+    /// [`Var`] (the reference's `register_blk`); the backward stops at that block's input.
+    /// `perturb` is added to the probabilities the block reads.
+    pub fn forward_probe(&self, image: &Tensor, probe: usize, perturb: Option<&Tensor>) -> Result<(Tensor, Var)> {
+        if probe >= self.blocks.len() {
+            candle_core::bail!("the image encoder has blocks 0..{}, not {probe}", self.blocks.len().saturating_sub(1))
+        }
+        let x = self.embed_patches(image)?;
+        let b = x.dim(0)?;
+        let cls = self.cls_token.broadcast_as((b, 1, self.cfg.embed_dim))?;
+        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks[..probe] {
+            x = block.forward(&x)?;
+        }
+        let (mut x, probs) = self.blocks[probe].forward_probe(&x.detach(), perturb)?;
+        for block in &self.blocks[probe + 1..] {
+            x = block.forward(&x)?;
+        }
+        Ok((self.norm.forward(&x)?, probs))
     }
 }

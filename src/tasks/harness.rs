@@ -60,6 +60,8 @@ pub trait TaskSpec: Sized {
     /// The validation metric that picks `checkpoint_best` (higher is better); `None`: the task
     /// does not validate and the last epoch is kept.
     const SELECT: Option<&'static str>;
+    /// How validation metrics are prefixed in `log.txt` (see [`FitConfig::val_prefix`]).
+    const VAL_LOG_PREFIX: &'static str = "val";
     type Keys: TaskKeys;
     /// The task's own flags.
     type Options;
@@ -160,6 +162,7 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
                 epochs: loop_cfg.schedule.epochs,
                 stop_after_epoch: opts.stop_after_epoch,
                 select: T::SELECT,
+                val_prefix: T::VAL_LOG_PREFIX,
             };
             let end = fit(
                 &fit_cfg,

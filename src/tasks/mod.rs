@@ -3,6 +3,8 @@
 
 pub mod classify;
 pub mod demo;
+pub mod gradcam;
+pub mod grounding;
 pub mod harness;
 pub mod nlvr_pretrain;
 pub mod retrieval;

@@ -24,6 +24,9 @@ pub struct FitConfig<'a> {
     /// Validation metric that picks `checkpoint_best` (higher is better); without validation the
     /// last epoch is the best.
     pub select: Option<&'a str>,
+    /// Prefix of the validation metrics in `log.txt` (`val` → `val_r_mean`; empty: the names as
+    /// they are, for metrics already named per split such as grounding's `val_d`, `testA_d`).
+    pub val_prefix: &'a str,
 }
 
 pub enum FitEnd {
@@ -35,9 +38,10 @@ pub enum FitEnd {
     Stopped(usize),
 }
 
-/// `key_prefix_metric` entries for a log record.
+/// `key_prefix_metric` entries for a log record (the bare names for an empty prefix).
 pub fn prefixed(prefix: &str, m: &Metrics) -> serde_json::Map<String, serde_json::Value> {
-    m.iter().map(|(k, v)| (format!("{prefix}_{k}"), json!(v))).collect()
+    let name = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}_{k}") };
+    m.iter().map(|(k, v)| (name(k), json!(v))).collect()
 }
 
 pub fn print_metrics(split: &str, m: &Metrics) {
@@ -73,7 +77,7 @@ pub fn fit<D: Dataset>(
             stats.iter().map(|(k, v)| (format!("train_{k}"), json!(v))).collect();
         if let Some(v) = &val {
             print_metrics(&format!("epoch {epoch} val"), v);
-            record.extend(prefixed("val", v));
+            record.extend(prefixed(cfg.val_prefix, v));
         }
         record.insert("epoch".into(), json!(epoch));
         cfg.run.log(&serde_json::Value::Object(record))?;
