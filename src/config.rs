@@ -405,6 +405,7 @@ impl<T: TaskKeys> Config<T> {
             decoder_layers: keys.decoder_layers.unwrap_or(d.decoder_layers),
             nlvr_layers: keys.nlvr_layers.unwrap_or(d.nlvr_layers),
             init_std: keys.init_std.unwrap_or(d.init_std),
+            mode: d.mode,
         })
     }
 

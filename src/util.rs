@@ -29,3 +29,40 @@ pub fn topk_indices(values: &[f32], k: usize) -> Vec<usize> {
     idx.truncate(k);
     idx
 }
+
+/// Resident-memory figures of this process (Linux `/proc`), for `albef bench` and for the
+/// per-stage trace that `ALBEF_MEMTRACE=1` prints to stderr.
+pub mod mem {
+    /// (current RSS, peak RSS since start or the last [`reset_peak`]) in bytes; `None` where
+    /// `/proc/self/status` is not available.
+    pub fn rss() -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let field = |key: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            Some(line[key.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024)
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// Resets the peak to the current RSS (Linux ≥ 4.0: `5 > /proc/self/clear_refs`), so that
+    /// the next reading is the peak of what ran in between. False where that is not possible.
+    pub fn reset_peak() -> bool {
+        std::fs::write("/proc/self/clear_refs", "5").is_ok()
+    }
+
+    fn gb(bytes: u64) -> f64 {
+        bytes as f64 / 1e9
+    }
+
+    /// With `ALBEF_MEMTRACE` set, prints the peak RSS of the stage that just ended and the RSS
+    /// now, then starts the next stage's peak.
+    pub fn stage(name: &str) {
+        if std::env::var_os("ALBEF_MEMTRACE").is_none() {
+            return;
+        }
+        if let Some((now, peak)) = rss() {
+            eprintln!("memory: {name:<28} peak {:6.2} GB, after {:6.2} GB", gb(peak), gb(now));
+            reset_peak();
+        }
+    }
+}

@@ -1,8 +1,9 @@
 //! What a checkpoint file is, judged from its keys (for `albef checkpoint inspect` and for
 //! errors that explain a checkpoint of the wrong kind).
 
-use super::io::Checkpoint;
+use super::io::{Checkpoint, CheckpointFile};
 use crate::task::Task;
+use std::collections::BTreeMap;
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,11 +57,20 @@ fn task_from_keys(has: &dyn Fn(&str) -> bool, max_layer: Option<usize>) -> Optio
 }
 
 pub fn classify(ckpt: &Checkpoint) -> CheckpointKind {
-    if let Some(task) = ckpt.metadata.get("albef_task").and_then(|t| t.parse().ok()) {
+    classify_names(&mut ckpt.tensors.keys().map(String::as_str), &ckpt.metadata)
+}
+
+/// [`classify`] of an open file, from its names alone.
+pub fn classify_file(file: &CheckpointFile) -> CheckpointKind {
+    classify_names(&mut file.tensors().keys().map(String::as_str), &file.metadata)
+}
+
+fn classify_names(names: &mut dyn Iterator<Item = &str>, metadata: &BTreeMap<String, String>) -> CheckpointKind {
+    if let Some(task) = metadata.get("albef_task").and_then(|t| t.parse().ok()) {
         return CheckpointKind::Ours { task };
     }
-    let keys = &ckpt.tensors;
-    let has = |prefix: &str| keys.keys().any(|k| k.starts_with(prefix));
+    let keys: Vec<&str> = names.collect();
+    let has = |prefix: &str| keys.iter().any(|k| k.starts_with(prefix));
     if !has("visual_encoder.") && !has("text_encoder.") {
         return CheckpointKind::Other;
     }
@@ -69,7 +79,7 @@ pub fn classify(ckpt: &Checkpoint) -> CheckpointKind {
         return CheckpointKind::Pretraining { with_teacher };
     }
     let max_layer = keys
-        .keys()
+        .iter()
         .filter_map(|k| k.strip_prefix("text_encoder.encoder.layer."))
         .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
         .max();

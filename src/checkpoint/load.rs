@@ -4,8 +4,10 @@
 use super::interpolate::interpolate_pos_embed;
 use super::io::StateDict;
 use crate::nn::ParamStore;
+use crate::util::mem;
 use anyhow::{bail, Result};
-use std::collections::BTreeSet;
+use candle_core::Tensor;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// What loading a checkpoint into a model did.
@@ -67,40 +69,66 @@ fn is_ignorable(key: &str) -> bool {
     key.ends_with("embeddings.position_ids")
 }
 
-/// Copies every tensor of `sd` into the parameter or buffer of the same name. Aliased names (tied
-/// weights, NLVR2's shared cross-attention K/V) count as loaded when they name a known tensor.
-/// `pos_embed` tensors of another grid size are interpolated; any other shape mismatch is an
-/// error naming the key and both shapes.
+/// Copies every tensor of `sd` into the parameter or buffer of the same name (see [`load_with`]).
 pub fn load_into(store: &ParamStore, sd: &StateDict) -> Result<KeyReport> {
+    let shapes: BTreeMap<String, Vec<usize>> = sd.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+    load_with(store, &shapes, Some(&mut |key: &str| Ok(sd[key].clone())))
+}
+
+/// Reads the tensor that goes under a model name.
+pub type Fetch<'a> = &'a mut dyn FnMut(&str) -> Result<Tensor>;
+
+/// Whether `key` belongs to a momentum (teacher) copy: `visual_encoder_m.…`, `cls_head_m.…`.
+fn is_teacher_key(key: &str) -> bool {
+    key.split('.').next().is_some_and(|head| head.ends_with("_m"))
+}
+
+/// Loads the tensors named in `shapes` (name in the model → shape in the file), reading each
+/// with `fetch` only when its place in the model is known and dropping it once copied, so that
+/// no more than one source tensor is held at a time. Aliased names (tied weights, NLVR2's shared
+/// cross-attention K/V) count as loaded when they name a known tensor. `pos_embed` tensors of
+/// another grid size are interpolated; any other shape mismatch is an error naming the key and
+/// both shapes, raised before anything is loaded. Teacher tensors are skipped (with a note) by an
+/// evaluation-only model, which has no teacher. `fetch: None` computes the report only.
+pub fn load_with(store: &ParamStore, shapes: &BTreeMap<String, Vec<usize>>, fetch: Option<Fetch>) -> Result<KeyReport> {
     let mut report = KeyReport::default();
     let aliases: std::collections::HashMap<String, String> = store.aliases().into_iter().collect();
     let mut seen = BTreeSet::new();
     let mut errors = Vec::new();
-    for (key, value) in sd {
+    let mut plan = Vec::new();
+    let mut teacher_skipped = 0usize;
+    for (key, dims) in shapes {
         if is_ignorable(key) {
             continue;
         }
         let canonical = aliases.get(key).cloned().unwrap_or_else(|| key.clone());
-        if canonical != *key && sd.contains_key(&canonical) {
+        if canonical != *key && shapes.contains_key(&canonical) {
             // The canonical name is in the file too and wins; the alias is a second copy.
             seen.insert(canonical);
             continue;
         }
         let Some(var) = store.get(&canonical) else {
-            report.unexpected.push(key.clone());
+            if store.mode().inference && is_teacher_key(key) {
+                teacher_skipped += 1;
+            } else {
+                report.unexpected.push(key.clone());
+            }
             continue;
         };
-        let mut value = value.clone();
-        if value.dims() != var.dims() && key.ends_with("pos_embed") && value.rank() == 3 && var.rank() == 3 {
-            let (old, new) = (value.dim(1)?, var.dim(1)?);
-            value = interpolate_pos_embed(&value, new - 1, 1)?;
-            report.interpolated.push((key.clone(), old, new));
+        let mut interpolate = false;
+        if dims.as_slice() != var.dims() && key.ends_with("pos_embed") && dims.len() == 3 && var.rank() == 3 {
+            let (old, new) = (dims[1], var.dim(1)?);
+            let g = ((old - 1) as f64).sqrt() as usize;
+            if g * g + 1 == old && dims[0] == var.dim(0)? && dims[2] == var.dim(2)? {
+                report.interpolated.push((key.clone(), old, new));
+                interpolate = true;
+            }
         }
-        if value.dims() != var.dims() {
-            errors.push(format!("{key}: checkpoint has shape {:?}, model expects {:?}", value.dims(), var.dims()));
+        if !interpolate && dims.as_slice() != var.dims() {
+            errors.push(format!("{key}: checkpoint has shape {dims:?}, model expects {:?}", var.dims()));
             continue;
         }
-        var.set(&value.to_dtype(var.dtype())?.contiguous()?)?;
+        plan.push((key, var, interpolate));
         seen.insert(canonical);
         report.loaded += 1;
     }
@@ -111,6 +139,22 @@ pub fn load_into(store: &ParamStore, sd: &StateDict) -> Result<KeyReport> {
             if errors.len() == 1 { "" } else { "es" },
             errors.join("\n  ")
         );
+    }
+    if let Some(fetch) = fetch {
+        for (key, var, interpolate) in plan {
+            let mut value = fetch(key)?;
+            if interpolate {
+                mem::stage("load (up to pos_embed)");
+                value = interpolate_pos_embed(&value, var.dim(1)? - 1, 1)?;
+                mem::stage("interpolate pos_embed");
+            }
+            var.set(&value.to_dtype(var.dtype())?.contiguous()?)?;
+        }
+    }
+    if teacher_skipped > 0 {
+        report.notes.push(format!(
+            "{teacher_skipped} momentum (teacher) tensors not read: the model is built for evaluation, which does not use the teacher"
+        ));
     }
     for (name, _) in store.named_tensors() {
         if !seen.contains(&name) {

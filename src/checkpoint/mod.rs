@@ -8,9 +8,11 @@ mod load;
 mod remap;
 
 pub use interpolate::{interpolate_pos_embed, torch_interpolate_bicubic, torch_upsample_bicubic_plane};
-pub use io::{read_checkpoint, save_safetensors, Checkpoint, FileFormat, StateDict};
-pub use kind::{classify, CheckpointKind};
-pub use load::{load_into, KeyReport};
+pub use io::{
+    read_checkpoint, save_pth, save_safetensors, Checkpoint, CheckpointFile, FileFormat, StateDict, TensorMeta,
+};
+pub use kind::{classify, classify_file, CheckpointKind};
+pub use load::{load_into, load_with, KeyReport};
 pub use remap::{remap, source_kind, SourceKind};
 
 /// The metadata albef writes into its checkpoints: the task (checked when loading) and version.

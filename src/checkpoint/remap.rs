@@ -1,7 +1,12 @@
 //! The reference's per-task key remapping when a checkpoint is loaded (§2.4), in one place.
 
-use super::io::StateDict;
+//!
+//! The remaps are written over `name → V` maps: the values are tensors (a state dict in memory)
+//! or source names (`name in the model → name in the file`, so that tensors are read from the
+//! file only once they are loaded, one at a time).
+
 use crate::task::Task;
+use std::collections::BTreeMap;
 
 /// What a checkpoint file looks like, judged from its keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,7 +17,7 @@ pub enum SourceKind {
     TaskLayout,
 }
 
-pub fn source_kind(sd: &StateDict) -> SourceKind {
+pub fn source_kind<V>(sd: &BTreeMap<String, V>) -> SourceKind {
     if sd.keys().any(|k| k.starts_with("text_encoder.bert.")) {
         SourceKind::Pretrained
     } else {
@@ -23,7 +28,12 @@ pub fn source_kind(sd: &StateDict) -> SourceKind {
 /// Applies the remap the reference script for `task` applies (`evaluate` = its `--evaluate`
 /// flag). Unlike the reference, a remap meant for pre-trained files is skipped on a file that is
 /// already in task layout (issues #7, #101); the returned notes say what was done.
-pub fn remap(task: Task, sd: StateDict, evaluate: bool, fusion_layer: usize) -> (StateDict, Vec<String>) {
+pub fn remap<V: Clone>(
+    task: Task,
+    sd: BTreeMap<String, V>,
+    evaluate: bool,
+    fusion_layer: usize,
+) -> (BTreeMap<String, V>, Vec<String>) {
     let kind = source_kind(&sd);
     let mut notes = Vec::new();
     let wants = match task {
@@ -55,14 +65,14 @@ pub fn remap(task: Task, sd: StateDict, evaluate: bool, fusion_layer: usize) -> 
 }
 
 /// Every key containing `bert` loses its first `bert.`: `text_encoder.bert.X → text_encoder.X`.
-fn strip_bert(sd: StateDict) -> StateDict {
+fn strip_bert<V>(sd: BTreeMap<String, V>) -> BTreeMap<String, V> {
     sd.into_iter().map(|(k, v)| if k.contains("bert") { (k.replacen("bert.", "", 1), v) } else { (k, v) }).collect()
 }
 
 /// VQA.py: the encoder keeps all layers (copies without `bert.`); the decoder gets the
 /// embeddings, the MLM head and encoder layers `fusion_layer..` renumbered from 0.
-fn vqa_decoder_from_encoder(sd: StateDict, fusion_layer: usize) -> StateDict {
-    let mut out = StateDict::new();
+fn vqa_decoder_from_encoder<V: Clone>(sd: BTreeMap<String, V>, fusion_layer: usize) -> BTreeMap<String, V> {
+    let mut out = BTreeMap::new();
     for (key, value) in sd {
         if key.contains("bert") {
             out.insert(key.replacen("bert.", "", 1), value.clone());
@@ -90,8 +100,8 @@ fn vqa_decoder_from_encoder(sd: StateDict, fusion_layer: usize) -> StateDict {
 }
 
 /// Pretrain_nlvr.py: fusion layer n ≥ f becomes layers f + 2(n − f) and f + 2(n − f) + 1.
-fn nlvr_duplicate_layers(sd: StateDict, fusion_layer: usize) -> StateDict {
-    let mut out = StateDict::new();
+fn nlvr_duplicate_layers<V: Clone>(sd: BTreeMap<String, V>, fusion_layer: usize) -> BTreeMap<String, V> {
+    let mut out = BTreeMap::new();
     for (key, value) in sd {
         let parts: Vec<&str> = key.split('.').collect();
         let layer = if key.contains("layer") { parts.get(3).and_then(|s| s.parse::<usize>().ok()) } else { None };

@@ -3,16 +3,21 @@
 //! work done with candle's plain `Tensor::matmul` on the same shapes (the floor of what the
 //! model's matmuls cost), so the ratio shows the overhead of everything around the matmuls.
 
+use albef::checkpoint::{save_pth, StateDict};
 use albef::eval::retrieval::{score_matrices, EncodedSplit};
 use albef::model::bert::{BertModel, CrossStates, Layout, Mode};
 use albef::model::vit::VisionTransformer;
 use albef::model::{ContrastiveModel, ModelConfig, Objective, VqaModel};
 use albef::nn::ParamStore;
+use albef::task::Task;
+use albef::tasks::{load_checkpoint, save_model, TeacherInit};
 use albef::train::optim::AdamW;
-use anyhow::Result;
+use albef::util::mem;
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use rand::SeedableRng;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Args)]
@@ -30,9 +35,16 @@ pub struct BenchArgs {
     text_len: usize,
     #[arg(long, default_value_t = 384)]
     image_res: usize,
-    /// Sections to run: vit, fusion, rerank, train, vqa.
-    #[arg(long, value_delimiter = ',', default_value = "vit,fusion,rerank,train,vqa")]
+    /// Sections to run: vit, fusion, rerank, train, vqa, mem.
+    #[arg(long, value_delimiter = ',', default_value = "vit,fusion,rerank,train,vqa,mem")]
     only: Vec<String>,
+    /// Where the memory section writes its two full-size checkpoints (about 1.9 GB each; removed
+    /// afterwards).
+    #[arg(long)]
+    mem_dir: Option<PathBuf>,
+    /// Internal: the memory section's child process (load this file, evaluate, print the peak).
+    #[arg(long, hide = true)]
+    mem_child: Option<PathBuf>,
     /// Retrieval training-step batch.
     #[arg(long, default_value_t = 4)]
     train_batch: usize,
@@ -95,10 +107,91 @@ fn matmul_floor(
     }))
 }
 
+/// Random ITC-style inputs: `n` token rows of length `len` starting with [CLS].
+fn token_ids(n: usize, len: usize, dev: &Device) -> Result<Tensor> {
+    let ids = (0..n * len).map(|i| if i % len == 0 { 101i64 } else { 1000 + (i as i64 * 31) % 20000 }).collect();
+    Ok(Tensor::from_vec(ids, (n, len), dev)?)
+}
+
+/// The memory section's child: builds the evaluation model, loads `path` through the task
+/// loader, encodes and scores a batch, and prints the peak RSS of all that (one line, bytes).
+fn mem_child(a: &BenchArgs, cfg: &ModelConfig, path: &Path) -> Result<()> {
+    let dev = Device::Cpu;
+    let mut cfg = cfg.clone();
+    cfg.mode.inference = true;
+    let model = ContrastiveModel::new(&cfg, Objective::Retrieval, &dev, 0)?;
+    load_checkpoint(&model, Task::Retrieval, path, true, TeacherInit::FromLoaded)?;
+    let images = Tensor::randn(0f32, 1.0, (a.image_batch, 3, a.image_res, a.image_res), &dev)?;
+    let texts = a.k_test.max(1);
+    let ids = token_ids(texts, a.text_len, &dev)?;
+    let mask = Tensor::ones((texts, a.text_len), DType::I64, &dev)?;
+    let (image_states, image_feat) = model.encode_image(&images)?;
+    let (text_states, text_feat) = model.encode_text(&ids, &mask)?;
+    let enc = EncodedSplit { image_states, image_feat, text_states, text_mask: mask, text_feat };
+    score_matrices(&model, &enc, a.k_test.min(texts))?;
+    let (_, peak) = mem::rss().context("no /proc/self/status: peak RSS is not measurable here")?;
+    println!("{peak}");
+    Ok(())
+}
+
+/// Peak RSS of load + evaluate of the full-size retrieval model (student + teacher, random
+/// weights) saved as `.pth` and as safetensors, each in a fresh process.
+fn mem_section(a: &BenchArgs, cfg: &ModelConfig) -> Result<()> {
+    if mem::rss().is_none() {
+        println!("memory: not measurable on this system (no /proc/self/status)");
+        return Ok(());
+    }
+    let dir =
+        a.mem_dir.clone().unwrap_or_else(std::env::temp_dir).join(format!("albef-bench-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (pth, st) = (dir.join("retrieval.pth"), dir.join("retrieval.safetensors"));
+    let weights_bytes = {
+        let model = ContrastiveModel::new(cfg, Objective::Retrieval, &Device::Cpu, 0)?;
+        let tensors: StateDict = model.store.named_tensors().into_iter().collect();
+        let student: usize = model.store.trainable().iter().map(|p| p.var.elem_count() * 4).sum();
+        save_model(&model, Task::Retrieval, &st, &Default::default())?;
+        save_pth(&tensors, &pth)?;
+        student
+    };
+    let exe = std::env::current_exe()?;
+    let result = (|| -> Result<()> {
+        for (label, file) in [(".pth", &pth), ("safetensors", &st)] {
+            let out = std::process::Command::new(&exe)
+                .arg("bench")
+                .args(["--image-batch", &a.image_batch.to_string(), "--image-res", &a.image_res.to_string()])
+                .args(["--k-test", &a.k_test.to_string(), "--text-len", &a.text_len.to_string()])
+                .arg("--mem-child")
+                .arg(file)
+                .output()?;
+            if !out.status.success() {
+                bail!("memory bench child failed on {}:\n{}", file.display(), String::from_utf8_lossy(&out.stderr));
+            }
+            let peak: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().context("memory bench child output")?;
+            let size = std::fs::metadata(file)?.len();
+            println!(
+                "memory: load ({label}, {:.2} GB file, teacher skipped) + evaluate {} images @{} px, k_test {}: peak RSS {:.2} GB  (baseline: the student's fp32 weights, {:.2} GB; ratio {:.2}x)",
+                size as f64 / 1e9,
+                a.image_batch,
+                a.image_res,
+                a.k_test,
+                peak as f64 / 1e9,
+                weights_bytes as f64 / 1e9,
+                peak as f64 / weights_bytes as f64
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = Device::Cpu;
     let mut cfg = ModelConfig::default();
     cfg.vision.image_res = a.image_res;
+    if let Some(path) = &a.mem_child {
+        return mem_child(&a, &cfg, path);
+    }
     let tokens = cfg.vision.num_patches() + 1;
     let want = |s: &str| a.only.iter().any(|o| o == s);
     println!("threads: {}", candle_core::utils::get_num_threads());
@@ -204,6 +297,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 t_train / t_fwd
             );
         }
+    }
+    if want("mem") {
+        mem_section(&a, &cfg)?;
     }
     if want("vqa") {
         let model = VqaModel::new(&cfg, &dev, 0)?;

@@ -7,7 +7,7 @@ use super::augment::{hflip, random_augment};
 use super::loader::Dataset;
 use super::retrieval::{ImageRef, TrainSample};
 use super::text::pre_caption;
-use super::transform::{eval_transform_host, resize_bicubic, to_normalized_chw};
+use super::transform::{eval_transform_host, pillow_resize_bicubic, to_normalized_chw};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -61,7 +61,7 @@ impl Dataset for GroundingTrain {
     /// "right" in the expression.
     fn get(&self, index: usize, rng: &mut StdRng) -> Result<TrainSample> {
         let (image, caption, idx) = &self.entries[index];
-        let img = resize_bicubic(&image.open()?, self.res, self.res);
+        let img = pillow_resize_bicubic(&image.open()?, self.res, self.res);
         let img = if rng.random::<f64>() < 0.5 { hflip(&img) } else { img };
         let img = random_augment(&img, 2, 7.0, rng);
         Ok(TrainSample { pixels: to_normalized_chw(&img), caption: caption.clone(), idx: *idx })

@@ -78,11 +78,9 @@ pub struct ClassifierModel {
 
 impl ClassifierModel {
     pub fn new(cfg: &ModelConfig, kind: ClassifierKind, device: &Device, seed: u64) -> Result<Self> {
-        let store = ParamStore::new(device, seed);
-        store.set_init_std(cfg.init_std);
+        let store = cfg.new_store(device, seed);
         let online = Branch::new(&store.root(true), cfg, kind, "")?;
-        let teacher = cfg
-            .distill
+        let teacher = (cfg.distill && cfg.builds_teacher())
             .then(|| Teacher::build(&store, cfg.momentum, |pb, suffix| Branch::new(pb, cfg, kind, suffix)))
             .transpose()?;
         Ok(Self { store, cfg: cfg.clone(), kind, online, teacher })

@@ -1,5 +1,6 @@
 //! Model sizes: the reference's `config_bert.json` plus our `vision:` extension.
 
+use crate::nn::{ParamStore, StoreMode};
 use serde::{Deserialize, Serialize};
 
 /// `configs/config_bert.json` (HF BertConfig keys ALBEF reads; unknown keys are ignored).
@@ -112,6 +113,26 @@ pub struct ModelConfig {
     /// Standard deviation of the random initialisation (0.02 as the reference; only matters for
     /// weights no checkpoint provides).
     pub init_std: f64,
+    /// How the parameters are made. `inference`: built for evaluation only — no autograd graph
+    /// and no momentum (teacher) copies, which no task's evaluation uses (retrieval, VQA, VE and
+    /// NLVR2 all score with the online model, as the reference does). `placeholders`: names and
+    /// shapes only, for key reports.
+    pub mode: StoreMode,
+}
+
+impl ModelConfig {
+    /// Whether momentum (teacher) copies are built: never for an evaluation-only model.
+    pub fn builds_teacher(&self) -> bool {
+        !self.mode.inference
+    }
+
+    /// A new store for this model (seeded, with the config's init std and mode).
+    pub fn new_store(&self, device: &candle_core::Device, seed: u64) -> ParamStore {
+        let store = ParamStore::new(device, seed);
+        store.set_init_std(self.init_std);
+        store.set_mode(self.mode);
+        store
+    }
 }
 
 impl Default for ModelConfig {
@@ -127,6 +148,7 @@ impl Default for ModelConfig {
             decoder_layers: 6,
             nlvr_layers: 18,
             init_std: 0.02,
+            mode: StoreMode::default(),
         }
     }
 }

@@ -93,7 +93,8 @@ pub struct ContrastiveModel {
     pub cfg: ModelConfig,
     pub objective: Objective,
     online: Encoders,
-    teacher: Teacher<Encoders>,
+    /// Absent only in an evaluation-only model (`ModelConfig::mode.inference`).
+    teacher: Option<Teacher<Encoders>>,
     pub itm_head: Linear,
     temp: Var,
     pub queues: Queues,
@@ -102,23 +103,25 @@ pub struct ContrastiveModel {
 
 impl ContrastiveModel {
     pub fn new(cfg: &ModelConfig, objective: Objective, device: &Device, seed: u64) -> Result<Self> {
-        let store = ParamStore::new(device, seed);
-        store.set_init_std(cfg.init_std);
+        let store = cfg.new_store(device, seed);
         let pb = store.root(true);
         pb.get((), "temp", Init::Const(cfg.temp))?;
         let temp = store.get("temp").expect("temp was just created");
         let online = Encoders::new(&pb, cfg, objective, "")?;
         let itm_head = Linear::new(&pb.pp("itm_head"), cfg.bert.hidden_size, 2)?;
         // The reference builds the teacher even when `distill` is off (its features feed the ITC
-        // keys and the queues), so it is always present here too.
-        let teacher = Teacher::build(&store, cfg.momentum, |pb, suffix| Encoders::new(pb, cfg, objective, suffix))?;
+        // keys and the queues), so it is present here too, unless the model is only evaluated.
+        let teacher = cfg
+            .builds_teacher()
+            .then(|| Teacher::build(&store, cfg.momentum, |pb, suffix| Encoders::new(pb, cfg, objective, suffix)))
+            .transpose()?;
         let queues = Queues::new(&pb, cfg.embed_dim, cfg.queue_size, objective == Objective::Retrieval)?;
         Ok(Self { store, cfg: cfg.clone(), objective, online, teacher, itm_head, temp, queues, mlm_probability: 0.15 })
     }
 
-    /// The teacher's EMA.
-    pub fn ema(&self) -> &Ema {
-        &self.teacher.ema
+    /// The teacher's EMA (none in an evaluation-only model).
+    pub fn ema(&self) -> Option<&Ema> {
+        self.teacher.as_ref().map(|t| &t.ema)
     }
 
     pub fn with_mlm_probability(mut self, p: f64) -> Self {
@@ -221,17 +224,20 @@ impl ContrastiveModel {
         if self.objective == Objective::Pretrain {
             self.temp.set(&self.temp.as_tensor().detach().clamp(0.001, 0.5)?)?;
         }
+        let Some(teacher) = &self.teacher else {
+            candle_core::bail!("this model was built for evaluation only (no teacher); it cannot train")
+        };
         let dev = image.device();
         let temp = self.temp();
         let (image_embeds, image_feat) = self.online.image(image)?;
         let (text_embeds, text_feat) = self.online.text(ids, mask, train)?;
         let b = image_embeds.dim(0)?;
 
-        self.teacher.ema.update()?;
-        let (image_embeds_m, image_feat_m) = self.teacher.branch.image(image)?;
+        teacher.ema.update()?;
+        let (image_embeds_m, image_feat_m) = teacher.branch.image(image)?;
         // The teacher runs in the same mode as the student (its dropout is active in training, as in
         // PyTorch, where `no_grad` does not switch dropout off).
-        let (_, text_feat_m) = self.teacher.branch.text(ids, mask, train)?;
+        let (_, text_feat_m) = teacher.branch.text(ids, mask, train)?;
         let total = b + self.queues.size()?;
         let idx_host: Option<Vec<i64>> = idx.map(|t| t.to_vec1::<i64>()).transpose()?;
         let targets = match (self.objective, idx) {
@@ -290,9 +296,9 @@ impl ContrastiveModel {
                     Some(given) => given,
                     None => mask_tokens(ids, self.cfg.bert.vocab_size, self.mlm_probability, rng)?,
                 };
-                let teacher_head = self.teacher.branch.mlm.as_ref().expect("teacher mirrors the online model");
+                let teacher_head = teacher.branch.mlm.as_ref().expect("teacher mirrors the online model");
                 let cross_m = [CrossStates::image(&image_embeds_m)];
-                let logits_m = teacher_head.forward(&self.teacher.branch.text.forward_ids(
+                let logits_m = teacher_head.forward(&teacher.branch.text.forward_ids(
                     &mlm_ids,
                     mask,
                     &cross_m,

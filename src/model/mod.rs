@@ -41,7 +41,7 @@ impl TaskModel for ContrastiveModel {
         &self.cfg
     }
     fn ema(&self) -> Option<&Ema> {
-        Some(self.ema())
+        self.ema()
     }
 }
 

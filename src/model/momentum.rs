@@ -19,7 +19,10 @@ impl<B> Teacher<B> {
     ) -> Result<Self> {
         let branch = build(&store.root(false), "_m")?;
         let ema = Ema::from_store(store, momentum)?;
-        ema.copy()?;
+        // Placeholder tensors stay unwritten (that is what keeps them free).
+        if !store.mode().placeholders {
+            ema.copy()?;
+        }
         Ok(Self { branch, ema })
     }
 }

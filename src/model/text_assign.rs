@@ -31,8 +31,7 @@ pub struct Assignment {
 
 impl TextAssignModel {
     pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
-        let store = ParamStore::new(device, seed);
-        store.set_init_std(cfg.init_std);
+        let store = cfg.new_store(device, seed);
         let pb = store.root(true);
         let visual = VisionTransformer::new(&pb.pp("visual_encoder"), &cfg.vision)?;
         let text = BertModel::new(&pb.pp("text_encoder"), &nlvr_bert_config(cfg), Layout::SharedCrossKv)?;

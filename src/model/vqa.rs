@@ -93,11 +93,9 @@ pub struct Ranking {
 
 impl VqaModel {
     pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
-        let store = ParamStore::new(device, seed);
-        store.set_init_std(cfg.init_std);
+        let store = cfg.new_store(device, seed);
         let online = Branch::new(&store.root(true), cfg, "")?;
-        let teacher = cfg
-            .distill
+        let teacher = (cfg.distill && cfg.builds_teacher())
             .then(|| Teacher::build(&store, cfg.momentum, |pb, suffix| Branch::new(pb, cfg, suffix)))
             .transpose()?;
         Ok(Self { store, cfg: cfg.clone(), online, teacher })

@@ -8,7 +8,7 @@
 mod fused;
 mod params;
 
-pub use params::{Init, ParamBuilder, ParamStore};
+pub use params::{Init, ParamBuilder, ParamStore, StoreMode};
 
 use candle_core::{DType, Result, Tensor, D};
 

@@ -42,6 +42,19 @@ struct Inner {
     buffers: Vec<(String, Var)>,
     rng: StdRng,
     init_std: f64,
+    mode: StoreMode,
+}
+
+/// How a store's tensors are made and handed out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreMode {
+    /// Parameters come back detached, so a forward pass records no autograd graph (which would
+    /// keep every intermediate activation alive as long as its outputs): evaluation only.
+    pub inference: bool,
+    /// Every tensor is zero-filled memory that is never written (the OS maps no pages for it) and
+    /// random initialisation is skipped: a model of the right names and shapes at almost no
+    /// memory, for key reports (`checkpoint inspect --task`). Not for running.
+    pub placeholders: bool,
 }
 
 /// All parameters and buffers of one model, in construction order.
@@ -60,6 +73,7 @@ impl ParamStore {
             buffers: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
             init_std: 0.02,
+            mode: StoreMode::default(),
         };
         Self { inner: Rc::new(RefCell::new(inner)), device: device.clone() }
     }
@@ -67,6 +81,15 @@ impl ParamStore {
     /// Sets the standard deviation of [`Init::Standard`] for parameters created from now on.
     pub fn set_init_std(&self, std: f64) {
         self.inner.borrow_mut().init_std = std;
+    }
+
+    /// Sets how tensors created from now on are made (call before building the model).
+    pub fn set_mode(&self, mode: StoreMode) {
+        self.inner.borrow_mut().mode = mode;
+    }
+
+    pub fn mode(&self) -> StoreMode {
+        self.inner.borrow().mode
     }
 
     pub fn device(&self) -> &Device {
@@ -122,7 +145,11 @@ impl ParamStore {
         out
     }
 
-    fn make(&self, shape: &Shape, init: Init) -> Result<Tensor> {
+    /// A new variable, built in place from its values (no second copy).
+    fn make(&self, shape: &Shape, init: Init, dtype: DType) -> Result<Var> {
+        if self.mode().placeholders {
+            return Var::zeros(shape, dtype, &self.device);
+        }
         let n = shape.elem_count();
         let mut inner = self.inner.borrow_mut();
         let init = match init {
@@ -151,7 +178,11 @@ impl ParamStore {
                 v
             }
         };
-        Tensor::from_vec(data, shape.clone(), &self.device)
+        drop(inner);
+        match dtype {
+            DType::F32 => Var::from_vec(data, shape.clone(), &self.device),
+            _ => Var::from_tensor(&Tensor::from_vec(data, shape.clone(), &self.device)?.to_dtype(dtype)?),
+        }
     }
 }
 
@@ -201,8 +232,8 @@ impl ParamBuilder {
                 p
             }
             None => {
-                let t = self.store.make(&shape, init)?;
-                let p = Param { name: full.clone(), var: Var::from_tensor(&t)?, trainable: self.trainable };
+                let var = self.store.make(&shape, init, DType::F32)?;
+                let p = Param { name: full.clone(), var, trainable: self.trainable };
                 let mut inner = self.store.inner.borrow_mut();
                 let i = inner.params.len();
                 inner.params.push(p.clone());
@@ -210,14 +241,14 @@ impl ParamBuilder {
                 p
             }
         };
-        Ok(if param.trainable { param.var.as_tensor().clone() } else { param.var.as_tensor().detach() })
+        let tracked = param.trainable && !self.store.mode().inference;
+        Ok(if tracked { param.var.as_tensor().clone() } else { param.var.as_tensor().detach() })
     }
 
     /// A non-trainable tensor saved with the model (queues, pointers).
     pub fn buffer(&self, shape: impl Into<Shape>, name: &str, dtype: DType, init: Init) -> Result<Var> {
         let shape = shape.into();
-        let t = self.store.make(&shape, init)?.to_dtype(dtype)?;
-        let var = Var::from_tensor(&t)?;
+        let var = self.store.make(&shape, init, dtype)?;
         self.store.inner.borrow_mut().buffers.push((self.path(name), var.clone()));
         Ok(var)
     }

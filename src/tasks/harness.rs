@@ -14,7 +14,7 @@ use crate::train::fit::{fit, load_best, FitConfig, FitEnd};
 use crate::train::optim::AdamW;
 use crate::train::run::RunDir;
 use crate::train::{LoopConfig, Losses};
-use crate::util::Metrics;
+use crate::util::{mem, Metrics};
 use anyhow::{bail, Result};
 use candle_core::Device;
 use rand::rngs::StdRng;
@@ -134,8 +134,14 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
     let setup = Setup { opts, cfg: &cfg, model_cfg: &model_cfg, training: training.as_ref() };
     let task = T::new(options, &setup)?;
     check_images_exist(task.images())?;
+    mem::stage("config, tokenizer, data");
 
-    let model = T::build_model(&model_cfg, &opts.device, opts.seed)?;
+    // `--evaluate` builds the model for evaluation only: no teacher (no task's evaluation uses
+    // it) and no autograd graph; training builds it whole.
+    let mut build_cfg = model_cfg.clone();
+    build_cfg.mode.inference = opts.evaluate;
+    let model = T::build_model(&build_cfg, &opts.device, opts.seed)?;
+    mem::stage("build model");
     if let Some(ckpt) = &opts.checkpoint {
         eprint!("{}", load_checkpoint(&model, T::TASK, ckpt, opts.evaluate, teacher)?);
     }
@@ -190,6 +196,7 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
         }
     };
     let report = task.finish(&ctx, outcome)?;
+    mem::stage("final evaluation");
     if let Some(record) = report.log {
         run.log(&Value::Object(record))?;
     }

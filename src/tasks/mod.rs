@@ -10,12 +10,13 @@ pub mod nlvr_pretrain;
 pub mod retrieval;
 pub mod vqa;
 
-use crate::checkpoint::{classify, load_into, read_checkpoint, remap, CheckpointKind, KeyReport, StateDict};
+use crate::checkpoint::{classify_file, load_with, remap, CheckpointFile, CheckpointKind, KeyReport, StateDict};
 use crate::config::Overrides;
 use crate::model::{
     ClassifierKind, ClassifierModel, ContrastiveModel, ModelConfig, Objective, TaskModel, TextAssignModel, VqaModel,
 };
 use crate::task::Task;
+use crate::util::mem;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use std::collections::BTreeMap;
@@ -129,19 +130,34 @@ pub fn load_checkpoint(
     evaluate: bool,
     teacher: TeacherInit,
 ) -> Result<KeyReport> {
-    let ckpt = read_checkpoint(path, model.store().device())?;
-    let kind = classify(&ckpt);
+    let file = CheckpointFile::open(path)?;
+    mem::stage("read checkpoint index");
+    let kind = classify_file(&file);
     check_kind(path, &kind, task)?;
     let fusion_layer = model.config().bert.fusion_layer;
-    let (sd, notes): (StateDict, Vec<String>) = remap(task, ckpt.tensors, evaluate, fusion_layer);
-    let mut report = load_into(model.store(), &sd)?;
+    // The remap works on names: model name → file name; tensors are read only when loaded.
+    let names: BTreeMap<String, String> = file.tensors().keys().map(|k| (k.clone(), k.clone())).collect();
+    let (sources, notes) = remap(task, names, evaluate, fusion_layer);
+    let shapes: BTreeMap<String, Vec<usize>> =
+        sources.iter().map(|(k, src)| (k.clone(), file.tensors()[src].shape.clone())).collect();
+    mem::stage("key remap");
+    let store = model.store();
+    let device = store.device().clone();
+    let dry = store.mode().placeholders;
+    let mut fetch = |key: &str| file.load(&sources[key], &device);
+    let mut report = load_with(store, &shapes, if dry { None } else { Some(&mut fetch) })?;
+    mem::stage("load into store");
     report.notes.insert(0, format!("{}: {kind}", path.display()));
     report.notes.extend(notes);
     if report.teacher_missing(model.store()) {
         match teacher {
             TeacherInit::FromLoaded => {
-                model.copy_teacher()?;
+                // Placeholders are never written (a report, not a model to run).
+                if !dry {
+                    model.copy_teacher()?;
+                }
                 report.notes.push("no momentum weights in the checkpoint: teacher initialised from the loaded weights".into());
+                mem::stage("teacher copy");
             }
             TeacherInit::Reference => report
                 .notes

@@ -15,7 +15,7 @@ use crate::task::Task;
 use crate::train::fit::{prefixed, print_metrics};
 use crate::train::run::RunDir;
 use crate::train::Losses;
-use crate::util::Metrics;
+use crate::util::{mem, Metrics};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -55,6 +55,7 @@ pub fn evaluate_split(
         text_feats.push(feat);
         text_masks.push(mask);
     }
+    mem::stage("eval: encode texts");
     let cfg = LoaderConfig::eval(batch_size).workers(workers);
     let loader = Loader::new(split.clone(), cfg);
     let progress = Progress::new(&format!("Evaluation ({name}) images"), loader.num_batches(0));
@@ -68,6 +69,7 @@ pub fn evaluate_split(
         progress.step(i, String::new);
     }
     progress.finish();
+    mem::stage("eval: encode images");
     let enc = EncodedSplit {
         image_states: Tensor::cat(&image_states, 0)?,
         image_feat: Tensor::cat(&image_feats, 0)?,
@@ -75,7 +77,9 @@ pub fn evaluate_split(
         text_mask: Tensor::cat(&text_masks, 0)?,
         text_feat: Tensor::cat(&text_feats, 0)?,
     };
+    mem::stage("eval: gather states");
     let (i2t, t2i) = score_matrices(model, &enc, k_test)?;
+    mem::stage("eval: ITM scoring");
     let metrics = itm_eval(&i2t, &t2i, &split.txt2img, &split.img2txt);
     Ok((metrics, i2t, t2i))
 }
