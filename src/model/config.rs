@@ -112,6 +112,8 @@ pub struct ModelConfig {
     /// Standard deviation of the random initialisation (0.02 as the reference; only matters for
     /// weights no checkpoint provides).
     pub init_std: f64,
+    /// Share of eligible tokens masked for pre-training's MLM (`mlm_probability`, 0.15).
+    pub mlm_probability: f64,
 }
 
 impl Default for ModelConfig {
@@ -127,6 +129,7 @@ impl Default for ModelConfig {
             decoder_layers: 6,
             nlvr_layers: 18,
             init_std: 0.02,
+            mlm_probability: 0.15,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod classify;
 pub mod demo;
 pub mod harness;
 pub mod nlvr_pretrain;
+pub mod pretrain;
 pub mod retrieval;
 pub mod vqa;
 
@@ -123,9 +124,13 @@ pub fn load_checkpoint(
     evaluate: bool,
     teacher: TeacherInit,
 ) -> Result<KeyReport> {
-    let ckpt = read_checkpoint(path, model.store().device())?;
+    let mut ckpt = read_checkpoint(path, model.store().device())?;
     let kind = classify(&ckpt);
     check_kind(path, &kind, task)?;
+    // Our `checkpoint_last` carries the optimizer state, which only `--resume` reads.
+    if matches!(kind, CheckpointKind::Ours { .. }) {
+        ckpt.tensors.retain(|k, _| !k.starts_with("optimizer."));
+    }
     let fusion_layer = model.config().bert.fusion_layer;
     let (sd, notes): (StateDict, Vec<String>) = remap(task, ckpt.tensors, evaluate, fusion_layer);
     let mut report = load_into(model.store(), &sd)?;
