@@ -417,3 +417,27 @@ fn dirty_shards() {
     let e = resolve_shards(&config, &[&pattern]).unwrap_err().to_string();
     assert!(e.contains("000002.tar") && e.contains("missing"), "{e}");
 }
+
+#[test]
+fn data_check_reads_json_lists_and_shards() {
+    let dir = temp("check");
+    synth(&dir, 20, 2);
+    let d = dir.display();
+    let json = dir.join("json.yaml");
+    std::fs::write(&json, format!("train_file: ['{d}/data/pretrain.json']\nimage_root: '{d}/data'\nbatch_size: 4\n"))
+        .unwrap();
+    let r = albef::data::check::check_config(&json, Task::Pretrain).unwrap();
+    assert!(r.ok() && r.images == 20, "{r:?}");
+    let samples = raw_entries(&[dir.join("data/pretrain.json")], Some(&dir.join("data"))).unwrap();
+    write_shards(&samples, &dir.join("shards"), 10, false).unwrap();
+    let tar = dir.join("shards/000001.tar");
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let png = bytes.windows(4).position(|w| w == b"\x89PNG").unwrap();
+    bytes[png + 16..png + 40].fill(0xAB);
+    std::fs::write(&tar, &bytes).unwrap();
+    let shards = dir.join("shards.yaml");
+    std::fs::write(&shards, format!("train_shards: '{d}/shards/{{000000..000001}}.tar'\nbatch_size: 4\n")).unwrap();
+    let r = albef::data::check::check_config(&shards, Task::Pretrain).unwrap();
+    assert_eq!((r.images, r.broken.len()), (20, 1), "{r:?}");
+    assert!(r.broken[0].contains("000001.tar") && r.broken[0].contains("sample 000000010"), "{:?}", r.broken);
+}
