@@ -585,8 +585,8 @@ pub struct PretrainKeys {
     /// folder, as the reference's `from_pretrained` (default true; false trains it from random).
     pub init_bert: Option<bool>,
     pub train_transform: Option<TrainTransform>,
-    /// albef extension (shards): shuffle the shard order and the samples (default true); off, the
-    /// corpus is read in order, as the JSON lists are with shuffling off.
+    /// albef extension: shuffle the training data (default true). Off, the JSON lists and the
+    /// shards are both read in corpus order (shards written from a list then give its batches).
     pub shuffle: Option<bool>,
     /// Shard samples held for shuffling (default 2000).
     pub shuffle_buffer: Option<usize>,
