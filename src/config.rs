@@ -32,6 +32,8 @@ pub struct ModelKeys {
     pub nlvr_layers: Option<usize>,
     /// albef extension: random-initialisation std (0.02 as the reference).
     pub init_std: Option<f64>,
+    /// Pre-training: share of eligible tokens masked for MLM (0.15).
+    pub mlm_probability: Option<f64>,
 }
 
 /// The YAML `optimizer:` block. Only AdamW exists in the reference configs; `lr` is overwritten
@@ -370,6 +372,11 @@ impl<T: TaskKeys> Config<T> {
     pub fn model_config(&self) -> Result<ModelConfig> {
         let keys = &self.model;
         let d = ModelConfig::default();
+        if let Some(p) = keys.mlm_probability {
+            if !(0.0..=1.0).contains(&p) {
+                bail!("mlm_probability {p} is not in [0, 1]");
+            }
+        }
         let bert = match &keys.bert_config {
             Some(p) => BertConfig::from_json_file(&self.resolve(p)?)?,
             None => BertConfig::default(),
@@ -406,6 +413,7 @@ impl<T: TaskKeys> Config<T> {
             nlvr_layers: keys.nlvr_layers.unwrap_or(d.nlvr_layers),
             init_std: keys.init_std.unwrap_or(d.init_std),
             mode: d.mode,
+            mlm_probability: keys.mlm_probability.unwrap_or(d.mlm_probability),
         })
     }
 
@@ -621,6 +629,7 @@ pub struct GroundingKeys {
 
 impl TaskKeys for GroundingKeys {
     type Data = GroundingData;
+    const BATCH_KEYS: (&'static str, &'static str) = ("batch_size", "batch_size");
     const TRAINING_KEYS: &'static [&'static str] = &["train_file"];
     fn train_file(data: &GroundingData) -> Option<&Files> {
         data.train_file.as_ref()
@@ -632,6 +641,60 @@ impl TaskKeys for GroundingKeys {
 
 pub type GroundingConfig = Config<GroundingKeys>;
 
+/// `Pretrain.yaml` data keys: the reference's JSON lists, or (albef extension) tar shards in the
+/// WebDataset layout.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PretrainData {
+    /// JSON lists of `{"image": path, "caption": str | [str]}`.
+    pub train_file: Option<Files>,
+    /// Folder the JSON's relative image paths are under (the reference's files hold absolute paths).
+    pub image_root: Option<String>,
+    /// Tar shards: brace patterns (`data/cc3m/{00000..00331}.tar`) or paths.
+    pub train_shards: Option<Files>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PretrainKeys {
+    pub batch_size: usize,
+    /// albef extension: the DeiT-B/16 file the image encoder starts from
+    /// (`deit_base_patch16_224-b5f2ef4d.pth`; the reference downloads it). `--init-deit` overrides.
+    pub init_deit: Option<String>,
+    /// albef extension: initialise the text encoder from the weights in the `--text_encoder`
+    /// folder, as the reference's `from_pretrained` (default true; false trains it from random).
+    pub init_bert: Option<bool>,
+    pub train_transform: Option<TrainTransform>,
+    /// albef extension: shuffle the training data (default true). Off, the JSON lists and the
+    /// shards are both read in corpus order (shards written from a list then give its batches).
+    pub shuffle: Option<bool>,
+    /// Shard samples held for shuffling (default 2000).
+    pub shuffle_buffer: Option<usize>,
+    /// Shards read at once (default 4).
+    pub shard_readers: Option<usize>,
+    /// Stop when more than this share of an epoch's shard samples cannot be used (default 0.05).
+    pub max_skipped_fraction: Option<f64>,
+}
+
+impl TaskKeys for PretrainKeys {
+    type Data = PretrainData;
+    const BATCH_KEYS: (&'static str, &'static str) = ("batch_size", "batch_size");
+    const TRAINING_KEYS: &'static [&'static str] = &[];
+    fn train_file(data: &PretrainData) -> Option<&Files> {
+        data.train_file.as_ref().or(data.train_shards.as_ref())
+    }
+    fn train_batch(&self) -> (Option<usize>, &'static str) {
+        (Some(self.batch_size), "batch_size")
+    }
+    fn validate(&self) -> Result<()> {
+        if let Some(f) = self.max_skipped_fraction {
+            if !(0.0..=1.0).contains(&f) {
+                bail!("max_skipped_fraction {f} is not in [0, 1]");
+            }
+        }
+        Ok(())
+    }
+}
+
+pub type PretrainConfig = Config<PretrainKeys>;
 pub type RetrievalConfig = Config<RetrievalKeys>;
 pub type VqaConfig = Config<VqaKeys>;
 pub type VeConfig = Config<VeKeys>;
@@ -730,6 +793,24 @@ mod reference_configs {
         assert_eq!(g.model_config().unwrap(), ModelConfig::default(), "Grounding: ViT-B/16 + bert-base at 384");
         assert_eq!(g.task.batch_size, 32);
         assert_eq!(g.data.refcoco_data, "data");
+        for file in ["configs/Pretrain.yaml", "configs/tiny/pretrain_synth.yaml"] {
+            PretrainConfig::load(Path::new(file), true).unwrap().model_config().unwrap();
+        }
+    }
+
+    #[test]
+    fn shipped_pretrain_config_matches_the_reference() {
+        let cfg = PretrainConfig::load(Path::new("configs/Pretrain.yaml"), true).unwrap();
+        let m = cfg.model_config().unwrap();
+        assert_eq!((m.vision.image_res, m.queue_size, m.momentum, m.embed_dim, m.temp), (256, 65536, 0.995, 256, 0.07));
+        assert_eq!(m.bert, crate::model::BertConfig::default());
+        assert_eq!(cfg.task.batch_size, 64);
+        assert_eq!(m.mlm_probability, 0.15);
+        let t = cfg.training().unwrap();
+        assert_eq!((t.alpha, t.warm_up), (0.4, true));
+        assert_eq!((t.optimizer.lr, t.optimizer.weight_decay), (Some(1e-4), 0.02));
+        let s = &t.schedule;
+        assert_eq!((s.lr, s.min_lr, s.epochs, s.warmup_lr, s.warmup_epochs), (1e-4, 1e-5, 30, 1e-5, 20));
     }
 
     #[test]

@@ -23,6 +23,8 @@ enum Command {
     Checkpoint(cli::checkpoint::CheckpointCommand),
     /// Train and evaluate a small ALBEF on generated data, in minutes, on a CPU.
     Demo(cli::demo::DemoArgs),
+    /// Pre-training with ITC + ITM + MLM from BERT and DeiT weights, on JSON lists or tar shards, as Pretrain.py.
+    Pretrain(cli::tasks::PretrainArgs),
     /// Image-text retrieval: fine-tune and evaluate (Flickr30K, COCO), as Retrieval.py.
     Retrieval(cli::tasks::RetrievalArgs),
     /// VQA v2: fine-tune and rank the answer list, as VQA.py.
@@ -50,6 +52,7 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Checkpoint(c) => cli::checkpoint::run(c),
         Command::Demo(a) => cli::demo::run_cli(a),
+        Command::Pretrain(a) => cli::tasks::pretrain(a),
         Command::Retrieval(a) => cli::tasks::retrieval(a),
         Command::Vqa(a) => cli::tasks::vqa(a),
         Command::NlvrPretrain(a) => cli::tasks::nlvr_pretrain(a),

@@ -178,3 +178,43 @@ fn nlvr_step() {
     let io = io("nlvr");
     classifier_step("nlvr", ClassifierKind::Nlvr2, Tensor::cat(&[&io["image0"], &io["image1"]], 0).unwrap());
 }
+
+/// The same recorded step through `albef pretrain`'s code: its model builder, the task's
+/// checkpoint loading, and its loss function (with the recorded masks and negatives).
+#[test]
+fn pretrain_step_through_the_task() {
+    use albef::tasks::harness::TaskSpec;
+    use albef::tasks::pretrain::{losses, Pretrain};
+    use albef::tasks::{load_checkpoint, TeacherInit};
+    let io = io("pretrain");
+    let model = Pretrain::build_model(&model_config("pretrain"), &Device::Cpu, 0).unwrap();
+    let ckpt = fixture_dir("pretrain").join("checkpoint.pth");
+    load_checkpoint(&model, albef::task::Task::Pretrain, &ckpt, false, TeacherInit::FromLoaded).unwrap();
+    let replay = Replay {
+        neg_image: idx_vec(&io["train_neg_image_idx"]),
+        neg_text: idx_vec(&io["train_neg_text_idx"]),
+        mlm_ids: Some(io["train_mlm_input_ids"].clone()),
+        mlm_labels: Some(io["train_mlm_labels"].clone()),
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let alpha = scalar("pretrain", "train_alpha");
+    let (l, (_, masked)) =
+        losses(&model, &io["image"], &io["input_ids"], &io["attention_mask"], alpha, Some(&replay), &mut rng, false)
+            .unwrap();
+    let labels = io["train_mlm_labels"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    assert_eq!(masked, labels.iter().filter(|&&x| x >= 0).count(), "MLM accuracy counts the masked tokens");
+    let names: Vec<&str> = l.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["loss_mlm", "loss_ita", "loss_itm"], "the reference's log names");
+    let mut total: Option<Tensor> = None;
+    for (name, t) in &l {
+        let want = scalar("pretrain", &format!("train_{name}"));
+        assert_scalar(name, t.to_scalar::<f32>().unwrap() as f64, want, 1e-5);
+        total = Some(match total {
+            None => t.clone(),
+            Some(s) => (s + t).unwrap(),
+        });
+    }
+    let total = total.unwrap();
+    assert_scalar("loss_total", total.to_scalar::<f32>().unwrap() as f64, scalar("pretrain", "train_loss_total"), 1e-5);
+    check_grads("pretrain", &model.store, &total.backward().unwrap());
+}

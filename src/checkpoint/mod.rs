@@ -1,6 +1,7 @@
 //! Checkpoints: `.pth` / safetensors I/O, the reference's key remapping, position-embedding
 //! interpolation, and loading with a key report.
 
+pub mod init;
 mod interpolate;
 mod io;
 mod kind;

@@ -12,6 +12,9 @@ pub enum DataCommand {
     /// Convert official dataset files into the layout the tasks read.
     #[command(subcommand)]
     Prepare(PrepareCommand),
+    /// Write pre-training JSON lists as tar shards in the WebDataset layout ({000000..}.tar,
+    /// images copied as they are, captions as .txt / .json, img2dataset-style _stats.json).
+    Shard(ShardArgs),
     /// Check the annotation files and images a task config names (exit status 1 when anything
     /// a run needs is missing or broken).
     Check(CheckArgs),
@@ -204,6 +207,23 @@ pub struct CheckArgs {
 }
 
 #[derive(Args)]
+pub struct ShardArgs {
+    /// Pre-training JSON lists ([{"image": path, "caption": str | [str]}]), concatenated in order.
+    #[arg(long, num_args = 1.., required = true)]
+    json: Vec<PathBuf>,
+    /// Folder the JSON's relative image paths are under (absolute paths are used as they are).
+    #[arg(long = "image_root", alias = "image-root")]
+    image_root: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long = "samples-per-shard", alias = "samples_per_shard", default_value_t = 10000)]
+    samples_per_shard: usize,
+    /// Replace existing shards.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
 pub struct SynthArgs {
     #[arg(long)]
     out: PathBuf,
@@ -288,6 +308,12 @@ fn check(a: CheckArgs) -> Result<()> {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Check(a) => check(a),
+        DataCommand::Shard(a) => {
+            let samples = albef::data::pretrain::raw_entries(&a.json, a.image_root.as_deref())?;
+            let n = albef::data::shards::write_shards(&samples, &a.out, a.samples_per_shard, a.force)?;
+            println!("wrote {n} shards ({} samples) to {}", samples.len(), a.out.display());
+            Ok(())
+        }
         DataCommand::Prepare(c) => prepare(c),
         DataCommand::Synth(a) => {
             let cfg = SynthConfig {
@@ -300,7 +326,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             };
             let s = generate(&a.out, &cfg)?;
             println!(
-                "wrote {}: {} train images ({} captions), {} val, {} test, vocab.txt",
+                "wrote {}: {} train images ({} captions), {} val, {} test, pretrain.json, shards/, vocab.txt",
                 a.out.display(),
                 s.images[0],
                 s.train_captions,

@@ -1,9 +1,10 @@
-//! The task commands (`retrieval`, `vqa`, `nlvr-pretrain`, `nlvr`, `ve`), with the reference scripts' flags.
+//! The task commands (`pretrain`, `retrieval`, `vqa`, `nlvr-pretrain`, `nlvr`, `ve`), with the reference scripts' flags.
 
 use albef::config::Overrides;
 use albef::task::Task;
 use albef::tasks::classify::{self, ClassifyOptions};
 use albef::tasks::nlvr_pretrain;
+use albef::tasks::pretrain::{self, PretrainOptions};
 use albef::tasks::retrieval::{self, RetrievalOptions};
 use albef::tasks::vqa;
 use albef::tasks::RunOptions;
@@ -218,4 +219,19 @@ pub fn gradcam(a: GradcamArgs) -> Result<()> {
     let index = gradcam::run(&opts)?;
     eprintln!("wrote {} pair(s) to {}", index.as_array().map_or(0, Vec::len), opts.output_dir.display());
     Ok(())
+}
+
+#[derive(Args)]
+pub struct PretrainArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// DeiT-B/16 weights (deit_base_patch16_224-b5f2ef4d.pth) for the image encoder; overrides
+    /// the config's init_deit.
+    #[arg(long = "init-deit", alias = "init_deit")]
+    init_deit: Option<PathBuf>,
+}
+
+pub fn pretrain(a: PretrainArgs) -> Result<()> {
+    let run = a.common.into_run("./configs/Pretrain.yaml", "output/Pretrain")?;
+    print(&pretrain::run(&PretrainOptions { run, init_deit: a.init_deit })?)
 }

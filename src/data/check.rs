@@ -4,12 +4,14 @@
 
 use super::classify::{ClassifyDataset, Format};
 use super::loader::Dataset;
-use super::pretrain::PretrainDataset;
+use super::pretrain::{shard_sample, PretrainDataset};
 use super::retrieval::{ImageRef, RetrievalEval, RetrievalTrain};
+use super::shards::{resolve_shards, ShardSet};
 use super::transform::RgbImage;
 use super::vqa::{read_answer_list, VqaDataset};
 use crate::config::{
-    read_yaml, resolve, GroundingConfig, NlvrConfig, NlvrPretrainConfig, RetrievalConfig, VeConfig, VqaConfig,
+    read_yaml, resolve, GroundingConfig, NlvrConfig, NlvrPretrainConfig, PretrainConfig, RetrievalConfig, VeConfig,
+    VqaConfig,
 };
 use crate::progress::Progress;
 use crate::task::Task;
@@ -153,7 +155,15 @@ fn annotations(value: Value, path: &Path, task: Task) -> Result<Vec<(PathBuf, us
             }
         }
         Task::Grounding => out.extend(grounding_files(value, path)?),
-        Task::Pretrain => bail!("albef data check does not know the {task} task's files yet"),
+        Task::Pretrain => {
+            let (data, model) = PretrainConfig::data_keys(value, path)?;
+            let root = data.image_root.as_ref().map(PathBuf::from);
+            for f in data.train_file.iter().flat_map(|f| f.names()) {
+                let f = resolve(path, f)?;
+                let d = PretrainDataset::new(&one(&f), root.as_deref(), model.image_res.unwrap_or(256))?;
+                out.push((f, d.len(), d.images().cloned().collect()));
+            }
+        }
     }
     Ok(out)
 }
@@ -200,8 +210,30 @@ fn grounding_files(value: Value, path: &Path) -> Result<Vec<(PathBuf, usize, Vec
     Ok(out)
 }
 
+/// Pre-training's `train_shards`: every sample of every shard read and decoded. Adds one line per
+/// shard to the report; undecodable samples count as unreadable images, damaged or unopenable
+/// shards as missing.
+fn check_shards(value: &Value, path: &Path, report: &mut CheckReport) -> Result<()> {
+    let (data, model) = PretrainConfig::data_keys(value.clone(), path)?;
+    let Some(patterns) = &data.train_shards else { return Ok(()) };
+    let set = ShardSet::open(resolve_shards(path, &patterns.names())?)?;
+    let res = model.image_res.unwrap_or(256);
+    let decode = move |raw: &super::shards::RawSample, rng: &mut rand::rngs::StdRng| shard_sample(raw, res, false, rng);
+    let (samples, bad, damaged) = super::shards::check_shards(&set, &decode);
+    for (shard, n) in set.shards.iter().zip(&set.counts) {
+        report.files.push((shard.clone(), *n, *n));
+    }
+    report.images += samples;
+    report.broken.extend(bad);
+    report.missing.extend(damaged.into_iter().map(|d| format!("damaged shard {d}")));
+    Ok(())
+}
+
 fn check(value: Value, path: &Path, task: Task) -> Result<CheckReport> {
     let mut report = CheckReport::default();
+    if task == Task::Pretrain {
+        check_shards(&value, path, &mut report)?;
+    }
     let mut images: Vec<ImageRef> = Vec::new();
     for (file, entries, found) in annotations(value, path, task)? {
         let distinct = found.iter().map(|im| &im.path).collect::<BTreeSet<_>>().len();
@@ -214,7 +246,7 @@ fn check(value: Value, path: &Path, task: Task) -> Result<CheckReport> {
     // Each distinct image once.
     let mut seen = BTreeSet::new();
     images.retain(|im| seen.insert(im.path.clone()));
-    report.images = images.len();
+    report.images += images.len();
     let progress = Progress::new("Checking images", images.len());
     let done = std::sync::atomic::AtomicUsize::new(0);
     let problems: Vec<(bool, String)> = images

@@ -77,6 +77,49 @@ pub fn epoch_batches(len: usize, cfg: &LoaderConfig, epoch: u64) -> Vec<Vec<usiz
     batches
 }
 
+/// What the training loop draws an epoch's batches from: a random-access [`Dataset`] through a
+/// [`Loader`], or a stream read in order (tar shards, `data::shards`). Both give every sample an
+/// RNG seeded from (seed, epoch, position), so an epoch replays exactly.
+pub trait BatchSource {
+    type Item: Send + 'static;
+    /// Batches in `epoch`. A stream knows it only from its sample counts, before images that fail to
+    /// decode are dropped: the epoch ends when the stream does, and the count serves the α ramp
+    /// and the progress bar.
+    fn num_batches(&self, epoch: u64) -> usize;
+    /// Examples per epoch (for errors).
+    fn num_examples(&self) -> usize;
+    fn batches(&self, epoch: u64) -> Result<BoxedBatches<'_, Self::Item>>;
+}
+
+pub type BoxedBatches<'a, T> = Box<dyn Iterator<Item = Result<Vec<T>>> + 'a>;
+
+/// A task's training data: how it becomes a [`BatchSource`] under the run's loader settings.
+/// Every [`Dataset`] is one (through a [`Loader`]).
+pub trait TrainSet: Send + Sync + 'static {
+    type Item: Send + 'static;
+    fn source(self: Arc<Self>, cfg: LoaderConfig) -> Result<Box<dyn BatchSource<Item = Self::Item>>>;
+}
+
+impl<D: Dataset> TrainSet for D {
+    type Item = D::Item;
+    fn source(self: Arc<Self>, cfg: LoaderConfig) -> Result<Box<dyn BatchSource<Item = D::Item>>> {
+        Ok(Box::new(Loader::new(self, cfg)))
+    }
+}
+
+impl<D: Dataset> BatchSource for Loader<D> {
+    type Item = D::Item;
+    fn num_batches(&self, epoch: u64) -> usize {
+        Loader::num_batches(self, epoch)
+    }
+    fn num_examples(&self) -> usize {
+        self.dataset.len()
+    }
+    fn batches(&self, epoch: u64) -> Result<BoxedBatches<'_, D::Item>> {
+        Ok(Box::new(self.epoch(epoch, 0)))
+    }
+}
+
 pub struct Loader<D: Dataset> {
     dataset: Arc<D>,
     cfg: LoaderConfig,

@@ -13,6 +13,7 @@ pub mod prepare;
 pub mod pretrain;
 pub mod refcoco;
 pub mod retrieval;
+pub mod shards;
 pub mod synth;
 pub mod text;
 pub mod tokenizer;

@@ -152,8 +152,8 @@ pub struct SynthSummary {
     pub train_captions: usize,
 }
 
-/// Writes `images/`, `retrieval_{train,val,test}.json`, the VQA / NLVR2 / SNLI-VE files and
-/// `vocab.txt` under `out`.
+/// Writes `images/`, `retrieval_{train,val,test}.json`, the VQA / NLVR2 / SNLI-VE files, the
+/// pre-training corpus (`pretrain.json` and `shards/`) and `vocab.txt` under `out`.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
     let images_dir = out.join("images");
     std::fs::create_dir_all(&images_dir).with_context(|| format!("cannot create {}", images_dir.display()))?;
@@ -198,8 +198,30 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
         write_atomic(&out.join(format!("retrieval_{split}.json")), serde_json::to_string_pretty(&entries)?.as_bytes())?;
     }
     write_task_files(out, cfg, &scenes)?;
+    write_pretrain_corpus(out, &scenes[0])?;
     write_atomic(&out.join("vocab.txt"), (vocab().join("\n") + "\n").as_bytes())?;
     Ok(summary)
+}
+
+/// Samples per shard of the synthetic pre-training corpus.
+pub const SHARD_SIZE: usize = 128;
+
+/// The pre-training corpus over the training images: `pretrain.json` (the reference's format,
+/// both captions of an image as a list, paths relative to `out`) and the same samples as tar
+/// shards, `shards/{000000..}.tar`.
+fn write_pretrain_corpus(out: &Path, scenes: &[Scene]) -> Result<()> {
+    let entries: Vec<serde_json::Value> = scenes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"image": format!("images/train_{i:05}.png"), "caption": s.captions()}))
+        .collect();
+    write_atomic(&out.join("pretrain.json"), serde_json::to_string_pretty(&entries)?.as_bytes())?;
+    let samples: Vec<(std::path::PathBuf, Vec<String>)> =
+        scenes.iter().enumerate().map(|(i, s)| (out.join(format!("images/train_{i:05}.png")), s.captions())).collect();
+    if !samples.is_empty() {
+        super::shards::write_shards(&samples, &out.join("shards"), SHARD_SIZE, true)?;
+    }
+    Ok(())
 }
 
 /// Answers the synthetic VQA questions can have (`answer_list.json`).

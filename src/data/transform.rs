@@ -24,17 +24,21 @@ impl RgbImage {
     /// decoder would fill the missing part with grey, where Pillow (the reference) raises.
     pub fn open(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot open image {}", path.display()))?;
-        let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        Self::decode(&bytes, &path.display().to_string())
+    }
+
+    /// [`RgbImage::open`] on bytes already read (a tar shard's member); `name` is for errors.
+    pub fn decode(bytes: &[u8], name: &str) -> Result<Self> {
+        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
-            .with_context(|| format!("cannot read image {}", path.display()))?;
+            .with_context(|| format!("cannot read image {name}"))?;
         if reader.format() == Some(image::ImageFormat::Jpeg) {
-            if let Err(why) = jpeg_complete(&bytes) {
-                anyhow::bail!("cannot decode image {}: JPEG truncated ({why})", path.display());
+            if let Err(why) = jpeg_complete(bytes) {
+                anyhow::bail!("cannot decode image {name}: JPEG truncated ({why})");
             }
         }
-        let img = reader
-            .decode()
-            .with_context(|| format!("cannot decode image {} (truncated or not an image?)", path.display()))?;
+        let img =
+            reader.decode().with_context(|| format!("cannot decode image {name} (truncated or not an image?)"))?;
         let rgb = img.to_rgb8();
         Ok(Self { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
     }

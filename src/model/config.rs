@@ -118,6 +118,8 @@ pub struct ModelConfig {
     /// NLVR2 all score with the online model, as the reference does). `placeholders`: names and
     /// shapes only, for key reports.
     pub mode: StoreMode,
+    /// Share of eligible tokens masked for pre-training's MLM (`mlm_probability`, 0.15).
+    pub mlm_probability: f64,
 }
 
 impl ModelConfig {
@@ -149,6 +151,7 @@ impl Default for ModelConfig {
             nlvr_layers: 18,
             init_std: 0.02,
             mode: StoreMode::default(),
+            mlm_probability: 0.15,
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct ContrastiveLosses {
     pub ita: Tensor,
     pub itm: Tensor,
     pub mlm: Option<Tensor>,
+    /// MLM predictions (student argmax) that hit the label, and masked tokens: (correct, masked).
+    pub mlm_hits: Option<(usize, usize)>,
 }
 
 impl ContrastiveLosses {
@@ -116,7 +118,17 @@ impl ContrastiveModel {
             .then(|| Teacher::build(&store, cfg.momentum, |pb, suffix| Encoders::new(pb, cfg, objective, suffix)))
             .transpose()?;
         let queues = Queues::new(&pb, cfg.embed_dim, cfg.queue_size, objective == Objective::Retrieval)?;
-        Ok(Self { store, cfg: cfg.clone(), objective, online, teacher, itm_head, temp, queues, mlm_probability: 0.15 })
+        Ok(Self {
+            store,
+            cfg: cfg.clone(),
+            objective,
+            online,
+            teacher,
+            itm_head,
+            temp,
+            queues,
+            mlm_probability: cfg.mlm_probability,
+        })
     }
 
     /// The teacher's EMA (none in an evaluation-only model).
@@ -126,6 +138,7 @@ impl ContrastiveModel {
 
     pub fn with_mlm_probability(mut self, p: f64) -> Self {
         self.mlm_probability = p;
+        self.cfg.mlm_probability = p;
         self
     }
 
@@ -289,6 +302,7 @@ impl ContrastiveModel {
             train,
         )?;
 
+        let mut mlm_hits = None;
         let mlm = match &self.online.mlm {
             None => None,
             Some(head) => {
@@ -316,6 +330,7 @@ impl ContrastiveModel {
                 let v = logits.dim(2)?;
                 let flat = logits.reshape(((), v))?;
                 let labels = labels.flatten_all()?;
+                mlm_hits = Some(masked_hits(&flat, &labels)?);
                 let ce = cross_entropy(&flat, &labels)?;
                 let soft = softmax(&logits_m.reshape(((), v))?)?;
                 let valid = labels.ge(0i64)?.to_dtype(DType::F32)?;
@@ -326,8 +341,17 @@ impl ContrastiveModel {
                 Some(((ce * (1.0 - alpha))? + (kd * alpha)?)?)
             }
         };
-        Ok(ContrastiveLosses { ita: out.loss, itm: loss_itm, mlm })
+        Ok(ContrastiveLosses { ita: out.loss, itm: loss_itm, mlm, mlm_hits })
     }
+}
+
+/// (argmax hits, labelled rows) of logits (N, V) against labels (N,) with −100 = unlabelled.
+fn masked_hits(logits: &Tensor, labels: &Tensor) -> Result<(usize, usize)> {
+    let pred = logits.detach().argmax(1)?.to_vec1::<u32>()?;
+    let labels = labels.to_vec1::<i64>()?;
+    let masked = labels.iter().filter(|&&l| l >= 0).count();
+    let hits = pred.iter().zip(&labels).filter(|(p, l)| **l >= 0 && **p as i64 == **l).count();
+    Ok((hits, masked))
 }
 
 /// BERT-style masking (`ALBEF.mask`): each token is chosen with probability `p` (never [PAD] or

@@ -5,7 +5,7 @@
 
 use super::{load_checkpoint, RunOptions, TeacherInit};
 use crate::config::{Config, TaskKeys, Training};
-use crate::data::loader::{Dataset, Loader, LoaderConfig};
+use crate::data::loader::{LoaderConfig, TrainSet};
 use crate::data::retrieval::{check_images_exist, ImageRef};
 use crate::data::Tokenizer;
 use crate::model::{ModelConfig, TaskModel};
@@ -66,13 +66,20 @@ pub trait TaskSpec: Sized {
     /// The task's own flags.
     type Options;
     type Model: TaskModel;
-    type Train: Dataset;
+    /// The training data: a [`crate::data::loader::Dataset`], or a stream of its own.
+    type Train: TrainSet;
 
     fn build_model(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self::Model>;
 
     /// Teacher initialisation when the checkpoint has no momentum weights.
     fn teacher_init(_options: &Self::Options) -> TeacherInit {
         TeacherInit::FromLoaded
+    }
+
+    /// Sets the starting weights when no checkpoint is given and the run does not resume
+    /// (pre-training starts from BERT and DeiT files); prints what it loaded.
+    fn initialise(&self, _model: &Self::Model) -> Result<()> {
+        Ok(())
     }
 
     /// Reads the task's datasets (the training set only when training).
@@ -88,10 +95,16 @@ pub trait TaskSpec: Sized {
     fn step(
         &self,
         ctx: &Ctx<Self::Model>,
-        batch: Vec<<Self::Train as Dataset>::Item>,
+        batch: Vec<<Self::Train as TrainSet>::Item>,
         alpha: f64,
         rng: &mut StdRng,
     ) -> Result<Losses>;
+
+    /// The task's own figures of the epoch just trained (logged as `train_<name>`), e.g. counters
+    /// its steps kept; taking them resets them.
+    fn epoch_stats(&self) -> Result<Metrics> {
+        Ok(Metrics::new())
+    }
 
     /// Validation metrics after an epoch, when the task validates.
     fn validate(&self, _ctx: &Ctx<Self::Model>) -> Result<Option<Metrics>> {
@@ -142,8 +155,10 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
     build_cfg.mode.inference = opts.evaluate;
     let model = T::build_model(&build_cfg, &opts.device, opts.seed)?;
     mem::stage("build model");
-    if let Some(ckpt) = &opts.checkpoint {
-        eprint!("{}", load_checkpoint(&model, T::TASK, ckpt, opts.evaluate, teacher)?);
+    match &opts.checkpoint {
+        Some(ckpt) => eprint!("{}", load_checkpoint(&model, T::TASK, ckpt, opts.evaluate, teacher)?),
+        None if !opts.resume => task.initialise(&model)?,
+        None => {}
     }
     let run = RunDir::create(&opts.output_dir)?;
     run.write_text("config.yaml", &cfg.to_yaml()?)?;
@@ -159,7 +174,7 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
             let loop_cfg = LoopConfig::new(training, opts.seed);
             let mut optimizer = AdamW::new(model.store(), training.optimizer.weight_decay)?;
             let loader_cfg = LoaderConfig::train(training.batch_size, opts.seed).workers(opts.workers);
-            let loader = Loader::new(train_set, loader_cfg);
+            let source = train_set.source(loader_cfg)?;
             let fit_cfg = FitConfig {
                 run: &run,
                 loop_cfg: &loop_cfg,
@@ -174,8 +189,9 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
                 &fit_cfg,
                 model.store(),
                 &mut optimizer,
-                &loader,
+                source.as_ref(),
                 |batch, alpha, rng| task.step(&ctx, batch, alpha, rng),
+                |_epoch| task.epoch_stats(),
                 |_epoch| task.validate(&ctx),
             )
             .map_err(|e| explain_out_of_memory(e, training.batch_size))?;

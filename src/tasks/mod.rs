@@ -7,6 +7,7 @@ pub mod gradcam;
 pub mod grounding;
 pub mod harness;
 pub mod nlvr_pretrain;
+pub mod pretrain;
 pub mod retrieval;
 pub mod vqa;
 
@@ -135,8 +136,15 @@ pub fn load_checkpoint(
     let kind = classify_file(&file);
     check_kind(path, &kind, task)?;
     let fusion_layer = model.config().bert.fusion_layer;
-    // The remap works on names: model name → file name; tensors are read only when loaded.
-    let names: BTreeMap<String, String> = file.tensors().keys().map(|k| (k.clone(), k.clone())).collect();
+    // The remap works on names: model name → file name; tensors are read only when loaded. Our
+    // `checkpoint_last` carries the optimizer state, which only `--resume` reads.
+    let ours = matches!(kind, CheckpointKind::Ours { .. });
+    let names: BTreeMap<String, String> = file
+        .tensors()
+        .keys()
+        .filter(|k| !(ours && k.starts_with("optimizer.")))
+        .map(|k| (k.clone(), k.clone()))
+        .collect();
     let (sources, notes) = remap(task, names, evaluate, fusion_layer);
     let shapes: BTreeMap<String, Vec<usize>> =
         sources.iter().map(|(k, src)| (k.clone(), file.tensors()[src].shape.clone())).collect();

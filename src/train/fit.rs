@@ -4,7 +4,7 @@
 use super::optim::AdamW;
 use super::run::{RunDir, TrainState, BEST, LAST};
 use super::{train_epoch, LoopConfig, Losses};
-use crate::data::loader::{Dataset, Loader};
+use crate::data::loader::BatchSource;
 use crate::nn::ParamStore;
 use crate::task::Task;
 use crate::util::Metrics;
@@ -49,15 +49,17 @@ pub fn print_metrics(split: &str, m: &Metrics) {
     eprintln!("{split}: {}", cells.join("  "));
 }
 
-/// Trains epoch after epoch on `loader`'s batches: `step(batch, α, rng)` gives a batch's losses
-/// (see [`train_epoch`]); after each epoch `validate(epoch)` gives the validation metrics (or
+/// Trains epoch after epoch on `source`'s batches: `step(batch, α, rng)` gives a batch's losses
+/// (see [`train_epoch`]); after each epoch `stats(epoch)` gives the task's own training figures
+/// (logged `train_<name>` beside the mean losses), `validate(epoch)` the validation metrics (or
 /// `None`), then the epoch is logged and checkpointed.
-pub fn fit<D: Dataset>(
+pub fn fit<S: BatchSource + ?Sized>(
     cfg: &FitConfig,
     store: &ParamStore,
     optimizer: &mut AdamW,
-    loader: &Loader<D>,
-    mut step: impl FnMut(Vec<D::Item>, f64, &mut StdRng) -> Result<Losses>,
+    source: &S,
+    mut step: impl FnMut(Vec<S::Item>, f64, &mut StdRng) -> Result<Losses>,
+    mut stats: impl FnMut(usize) -> Result<Metrics>,
     mut validate: impl FnMut(usize) -> Result<Option<Metrics>>,
 ) -> Result<FitEnd> {
     let mut state = if cfg.resume { cfg.run.resume(store, optimizer, store.device())? } else { TrainState::default() };
@@ -67,14 +69,16 @@ pub fn fit<D: Dataset>(
     let last_epoch = cfg.stop_after_epoch.map_or(cfg.epochs, |n| n.min(cfg.epochs));
     let mut best_val = None;
     for epoch in state.epochs_done..last_epoch {
-        let iters = loader.num_batches(epoch as u64);
+        let iters = source.num_batches(epoch as u64);
         if iters == 0 {
-            bail!("the training set has fewer examples ({}) than one batch", loader.dataset().len());
+            bail!("the training set has fewer examples ({}) than one batch", source.num_examples());
         }
-        let stats = train_epoch(cfg.loop_cfg, optimizer, epoch, loader.epoch(epoch as u64, 0), iters, &mut step)?;
+        let means = train_epoch(cfg.loop_cfg, optimizer, epoch, source.batches(epoch as u64)?, iters, &mut step)?;
+        let extra = stats(epoch)?;
         let val = validate(epoch)?;
         let mut record: serde_json::Map<String, serde_json::Value> =
-            stats.iter().map(|(k, v)| (format!("train_{k}"), json!(v))).collect();
+            means.iter().map(|(k, v)| (format!("train_{k}"), json!(v))).collect();
+        record.extend(prefixed("train", &extra));
         if let Some(v) = &val {
             print_metrics(&format!("epoch {epoch} val"), v);
             record.extend(prefixed(cfg.val_prefix, v));

@@ -92,3 +92,68 @@ pub fn assert_rel(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
     let norm: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
     assert!(diff / norm <= tol, "{name}: relative error {:.3e} exceeds {tol:e}", diff / norm);
 }
+
+/// Writes `tensors` (f32) as a `torch.save` zip file, under `wrap` (`{'model': …}`) when given, so
+/// that tests can make small files in the layouts of the real downloads.
+pub fn write_pth(path: &std::path::Path, tensors: &[(String, Tensor)], wrap: Option<&str>) {
+    use std::io::Write;
+    fn unicode(out: &mut Vec<u8>, s: &str) {
+        out.push(b'X');
+        out.extend((s.len() as u32).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn int(out: &mut Vec<u8>, v: usize) {
+        out.push(b'J');
+        out.extend((v as i32).to_le_bytes());
+    }
+    let mut pkl = vec![0x80, 2];
+    if let Some(key) = wrap {
+        pkl.push(b'}');
+        unicode(&mut pkl, key);
+    }
+    pkl.push(b'}');
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        unicode(&mut pkl, name);
+        pkl.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        pkl.push(b'(');
+        unicode(&mut pkl, "storage");
+        pkl.extend(b"ctorch\nFloatStorage\n");
+        unicode(&mut pkl, &i.to_string());
+        unicode(&mut pkl, "cpu");
+        int(&mut pkl, t.elem_count());
+        pkl.extend(b"tQ");
+        int(&mut pkl, 0);
+        pkl.push(b'(');
+        for &d in t.dims() {
+            int(&mut pkl, d);
+        }
+        pkl.push(b't');
+        pkl.push(b'(');
+        for &s in t.stride() {
+            int(&mut pkl, s);
+        }
+        pkl.push(b't');
+        pkl.push(0x89);
+        pkl.extend(b"ccollections\nOrderedDict\n)R");
+        pkl.extend(b"tRs");
+    }
+    if wrap.is_some() {
+        pkl.push(b's');
+    }
+    pkl.push(b'.');
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let opts: zip::write::SimpleFileOptions =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    zip.write_all(&pkl).unwrap();
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        zip.start_file(format!("archive/data/{i}"), opts).unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        zip.write_all(&bytes).unwrap();
+    }
+    zip.start_file("archive/version", opts).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
