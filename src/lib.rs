@@ -11,6 +11,7 @@
 //! top.
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod eval;

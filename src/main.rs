@@ -45,6 +45,8 @@ enum Command {
     Data(cli::data::DataCommand),
     /// Benchmarks of the full-size model on this machine, each beside a baseline measured in the same run.
     Bench(cli::bench::BenchArgs),
+    /// A run's metrics.json beside the paper's numbers for its task and setting, with the differences.
+    Compare(cli::compare::CompareArgs),
 }
 
 fn main() {
@@ -62,6 +64,7 @@ fn main() {
         Command::Gradcam(a) => cli::tasks::gradcam(a),
         Command::Data(c) => cli::data::run(c),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Compare(a) => cli::compare::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

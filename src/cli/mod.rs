@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod compare;
 pub mod data;
 pub mod demo;
 pub mod tasks;
