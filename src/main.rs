@@ -47,6 +47,10 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// A run's metrics.json beside the paper's numbers for its task and setting, with the differences.
     Compare(cli::compare::CompareArgs),
+    /// Index a photo folder (JPEG, PNG) for `albef search`: ITC features in an SQLite file, updated incrementally.
+    Index(cli::search::IndexArgs),
+    /// Search an index by text (optionally re-ranked by ITM) or by image.
+    Search(cli::search::SearchArgs),
 }
 
 fn main() {
@@ -65,6 +69,8 @@ fn main() {
         Command::Data(c) => cli::data::run(c),
         Command::Bench(a) => cli::bench::run(a),
         Command::Compare(a) => cli::compare::run(a),
+        Command::Index(a) => cli::search::index_cmd(a),
+        Command::Search(a) => cli::search::search_cmd(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod data;
 pub mod demo;
+pub mod search;
 pub mod tasks;
 
 use anyhow::{bail, Result};

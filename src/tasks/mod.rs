@@ -9,6 +9,7 @@ pub mod harness;
 pub mod nlvr_pretrain;
 pub mod pretrain;
 pub mod retrieval;
+pub mod search;
 pub mod vqa;
 
 use crate::checkpoint::{classify_file, load_with, remap, CheckpointFile, CheckpointKind, KeyReport, StateDict};

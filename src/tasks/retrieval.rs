@@ -31,20 +31,20 @@ pub struct RetrievalOptions {
     pub save_scores: bool,
 }
 
-const TEXT_MAX_WORDS: usize = 30;
-const EVAL_TEXT_LEN: usize = 30;
+/// Caption words kept and evaluation text length (Retrieval.py's `max_words`, tokenizer max_length).
+pub const TEXT_MAX_WORDS: usize = 30;
+pub const EVAL_TEXT_LEN: usize = 30;
 const EVAL_TEXT_BATCH: usize = 256;
 
-/// Encodes a split and scores it (§4).
-pub fn evaluate_split(
+/// Encodes a split's texts and images as the evaluation does (`albef search` is checked against it).
+pub fn encode_split(
     model: &ContrastiveModel,
     split: Arc<RetrievalEval>,
     tokenizer: &Tokenizer,
     batch_size: usize,
-    k_test: usize,
     workers: Option<usize>,
     name: &str,
-) -> Result<(Metrics, Scores, Scores)> {
+) -> Result<EncodedSplit> {
     let dev = model.store.device().clone();
     let res = model.cfg.vision.image_res;
     let (mut text_states, mut text_feats, mut text_masks) = (Vec::new(), Vec::new(), Vec::new());
@@ -78,6 +78,20 @@ pub fn evaluate_split(
         text_feat: Tensor::cat(&text_feats, 0)?,
     };
     mem::stage("eval: gather states");
+    Ok(enc)
+}
+
+/// Encodes a split and scores it (§4).
+pub fn evaluate_split(
+    model: &ContrastiveModel,
+    split: Arc<RetrievalEval>,
+    tokenizer: &Tokenizer,
+    batch_size: usize,
+    k_test: usize,
+    workers: Option<usize>,
+    name: &str,
+) -> Result<(Metrics, Scores, Scores)> {
+    let enc = encode_split(model, split.clone(), tokenizer, batch_size, workers, name)?;
     let (i2t, t2i) = score_matrices(model, &enc, k_test)?;
     mem::stage("eval: ITM scoring");
     let metrics = itm_eval(&i2t, &t2i, &split.txt2img, &split.img2txt);
