@@ -171,7 +171,7 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
                 Some(t) => t,
                 None => bail!("the {} task read no training set", T::TASK),
             };
-            let loop_cfg = LoopConfig::new(training, opts.seed);
+            let loop_cfg = LoopConfig { skip_nonfinite: opts.skip_nonfinite, ..LoopConfig::new(training, opts.seed) };
             let mut optimizer = AdamW::new(model.store(), training.optimizer.weight_decay)?;
             let loader_cfg = LoaderConfig::train(training.batch_size, opts.seed).workers(opts.workers);
             let source = train_set.source(loader_cfg)?;

@@ -23,6 +23,9 @@ pub struct TrainState {
     pub best_metric: Option<f64>,
     pub best_epoch: Option<usize>,
     pub optimizer_step: u64,
+    /// Steps skipped for a non-finite loss or gradient (`--skip-nonfinite`), over the run.
+    #[serde(default)]
+    pub skipped_nonfinite: u64,
 }
 
 pub struct RunDir {
@@ -39,7 +42,8 @@ impl RunDir {
         self.path.join(name)
     }
 
-    /// Appends one JSON object as a line of `log.txt`.
+    /// Appends one JSON object as a line of `log.txt`: one `write` of the whole line, synced, so
+    /// that a kill leaves no torn line; a failed write (disk full) is cut off again.
     pub fn log(&self, record: &serde_json::Value) -> Result<()> {
         let path = self.file("log.txt");
         let mut f = std::fs::OpenOptions::new()
@@ -47,7 +51,28 @@ impl RunDir {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        writeln!(f, "{record}")?;
+        let before = f.metadata()?.len();
+        let line = format!("{record}\n");
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
+            let _ = f.set_len(before);
+            return Err(e).with_context(|| format!("cannot write {} (disk full?)", path.display()));
+        }
+        Ok(())
+    }
+
+    /// Drops the `log.txt` lines after the one of epoch `epochs_done - 1` (epochs that a resumed
+    /// run does again), atomically.
+    pub fn truncate_log(&self, epochs_done: usize) -> Result<()> {
+        let path = self.file("log.txt");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let lines: Vec<&str> = text.lines().collect();
+        let epoch_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok()?.get("epoch")?.as_u64();
+        let keep =
+            lines.iter().rposition(|l| epoch_of(l).is_some_and(|e| (e as usize) < epochs_done)).map_or(0, |i| i + 1);
+        if keep < lines.len() {
+            let kept: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
+            write_atomic(&path, kept.as_bytes())?;
+        }
         Ok(())
     }
 
