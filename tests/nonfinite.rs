@@ -11,7 +11,7 @@ use albef::train::optim::AdamW;
 use albef::train::run::{RunDir, LAST};
 use albef::train::{LoopConfig, Losses};
 use albef::util::Metrics;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::path::PathBuf;
 
 struct Toy;
@@ -45,7 +45,13 @@ fn dir(name: &str) -> PathBuf {
 
 /// Three epochs of a 4-parameter least-squares model with `fault` injected; validation gives
 /// `metric(epoch)`.
-fn train(out: &PathBuf, fault: Fault, skip: u64, metric: fn(usize) -> f64, resume: bool) -> anyhow::Result<FitEnd> {
+fn train(
+    out: &std::path::Path,
+    fault: Fault,
+    skip: u64,
+    metric: fn(usize) -> f64,
+    resume: bool,
+) -> anyhow::Result<FitEnd> {
     let store = ParamStore::new(&Device::Cpu, 0);
     let w = store.root(true).get(4, "w", Init::Const(0.5))?;
     let z = store.root(true).get(1, "z", Init::Zeros)?;
@@ -90,7 +96,6 @@ fn train(out: &PathBuf, fault: Fault, skip: u64, metric: fn(usize) -> f64, resum
     };
     let validate =
         |e: usize| -> anyhow::Result<Option<Metrics>> { Ok(Some([("score".to_string(), metric(e))].into())) };
-    let _: &Tensor = &w;
     fit(&cfg, &store, &mut optimizer, &Toy, step, |_| Ok(Metrics::new()), validate)
 }
 

@@ -159,7 +159,7 @@ impl ParamStore {
                 Some(acc) => (acc + s)?,
             });
         }
-        Ok(total.map_or(Ok(true), |t| t.to_scalar::<f32>().map(f32::is_finite))?)
+        total.map_or(Ok(true), |t| t.to_scalar::<f32>().map(f32::is_finite))
     }
 
     /// A new variable, built in place from its values (no second copy).
