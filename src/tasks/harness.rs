@@ -157,7 +157,8 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
     mem::stage("build model");
     match &opts.checkpoint {
         Some(ckpt) => eprint!("{}", load_checkpoint(&model, T::TASK, ckpt, opts.evaluate, teacher)?),
-        None if !opts.resume => task.initialise(&model)?,
+        // A resume with nothing to resume from starts over (see `fit`), initialised as a fresh run.
+        None if !opts.resume || !opts.output_dir.join(crate::train::run::LAST).is_file() => task.initialise(&model)?,
         None => {}
     }
     let run = RunDir::create(&opts.output_dir)?;

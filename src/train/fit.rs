@@ -62,9 +62,17 @@ pub fn fit<S: BatchSource + ?Sized>(
     mut stats: impl FnMut(usize) -> Result<Metrics>,
     mut validate: impl FnMut(usize) -> Result<Option<Metrics>>,
 ) -> Result<FitEnd> {
-    let mut state = if cfg.resume { cfg.run.resume(store, optimizer, store.device())? } else { TrainState::default() };
-    if cfg.resume {
+    // `--resume` before any epoch completed (killed in the first one) starts over, so that a
+    // restart can always pass it.
+    let resume = cfg.resume && cfg.run.file(LAST).is_file();
+    if cfg.resume && !resume {
+        eprintln!("--resume: no {LAST} yet (no epoch completed): starting from epoch 0");
+    }
+    let mut state = if resume { cfg.run.resume(store, optimizer, store.device())? } else { TrainState::default() };
+    if resume {
         eprintln!("resuming after {} completed epoch(s)", state.epochs_done);
+    }
+    if cfg.resume {
         // A run killed after logging an epoch but before its checkpoint redoes that epoch.
         cfg.run.truncate_log(state.epochs_done)?;
     }
