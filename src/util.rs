@@ -12,7 +12,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let written = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        match slow_writes() {
+            // Fault injection for the kill -9 test: half the file, a pause, the rest, so that a
+            // kill can land inside the write.
+            Some(pause) => {
+                f.write_all(&bytes[..bytes.len() / 2])?;
+                std::thread::sleep(pause);
+                f.write_all(&bytes[bytes.len() / 2..])?;
+            }
+            None => f.write_all(bytes)?,
+        }
         f.sync_all()
     })();
     if let Err(e) = written {
@@ -28,6 +37,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     sync_dir(dir)
+}
+
+/// `ALBEF_FAULT_SLOW_WRITES=<ms>`: pause inside every atomic write (for the kill -9 test only).
+fn slow_writes() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("ALBEF_FAULT_SLOW_WRITES").ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
 }
 
 /// Makes a rename in `dir` durable (fsync of the folder), so that a crash after it cannot bring
