@@ -10,12 +10,49 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all()?;
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        match slow_writes() {
+            // Fault injection for the kill -9 test: half the file, a pause, the rest, so that a
+            // kill can land inside the write.
+            Some(pause) => {
+                f.write_all(&bytes[..bytes.len() / 2])?;
+                std::thread::sleep(pause);
+                f.write_all(&bytes[bytes.len() / 2..])?;
+            }
+            None => f.write_all(bytes)?,
+        }
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        // Disk full or similar: the previous file is untouched; leave no partial temp file.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| {
+            format!(
+                "cannot write {} ({} bytes; disk full?); the previous file is unchanged",
+                path.display(),
+                bytes.len()
+            )
+        });
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    sync_dir(dir)
+}
+
+/// `ALBEF_FAULT_SLOW_WRITES=<ms>`: pause inside every atomic write (for the kill -9 test only).
+fn slow_writes() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("ALBEF_FAULT_SLOW_WRITES").ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
+/// Makes a rename in `dir` durable (fsync of the folder), so that a crash after it cannot bring
+/// back the old file or lose the new one.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync folder {}", dir.display()))?;
+    Ok(())
 }
 
 /// Named metrics in the reference's order (`r_mean`, `acc`, …).

@@ -164,7 +164,39 @@ fn corrupt(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
     anyhow!("checkpoint {} is truncated or corrupt ({e}); download it again", path.display())
 }
 
+/// A `data.pkl` larger than this is not a state dict (a ViT-B/BERT-base one is ~100 kB).
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
+/// Checks every pickle of the archive against the allow-list before candle parses it (see
+/// `pickle_guard`), and returns the uncompressed size of every zip entry, to check tensor extents.
+fn scan_pth(path: &Path) -> Result<BTreeMap<String, u64>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open checkpoint {}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| corrupt(path, &e))?;
+    let mut sizes = BTreeMap::new();
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| corrupt(path, &e))?;
+        let name = entry.name().map_err(|e| corrupt(path, &e))?.into_owned();
+        sizes.insert(name.clone(), entry.size());
+        if !name.ends_with("data.pkl") {
+            continue;
+        }
+        let what = format!("checkpoint {} ({name})", path.display());
+        if entry.size() > MAX_PICKLE_BYTES {
+            bail!("{what}: the pickle is {} bytes, more than any state dict needs", entry.size());
+        }
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        // `take`: the size in the zip header may lie; never read more than the limit.
+        (&mut entry).take(MAX_PICKLE_BYTES + 1).read_to_end(&mut data).map_err(|e| corrupt(path, &e))?;
+        if data.len() as u64 > MAX_PICKLE_BYTES {
+            bail!("{what}: the pickle is larger than {MAX_PICKLE_BYTES} bytes");
+        }
+        super::pickle_guard::check_pickle(&data, &what)?;
+    }
+    Ok(sizes)
+}
+
 fn open_pth(path: &Path) -> Result<CheckpointFile> {
+    let sizes = scan_pth(path)?;
     // `{'model': state_dict}` (pre-training and our training checkpoints) or a raw state dict
     // (the released fine-tuned files). Only the pickle is parsed here.
     let (pth, wrapped) = match candle_core::pickle::PthTensors::new(path, Some("model")) {
@@ -183,6 +215,28 @@ fn open_pth(path: &Path) -> Result<CheckpointFile> {
         .collect();
     if tensors.is_empty() {
         bail!("{} holds no tensors: it is a .pth file but not a model state dict", path.display());
+    }
+    // A tensor must fit in its storage entry: candle allocates the claimed shape before reading.
+    for (name, info) in pth.tensor_infos() {
+        let need = info
+            .layout
+            .shape()
+            .dims()
+            .iter()
+            .try_fold(info.dtype.size_in_bytes() as u64, |acc, &d| acc.checked_mul(d as u64))
+            .and_then(|n| n.checked_add(info.layout.start_offset() as u64));
+        let have = sizes.get(&info.path).copied();
+        match (need, have) {
+            (Some(need), Some(have)) if need <= have => {}
+            (_, None) => bail!("checkpoint {}: tensor {name}: storage {} is missing", path.display(), info.path),
+            (need, Some(have)) => bail!(
+                "checkpoint {}: tensor {name} claims shape {:?} ({} bytes) but its storage {} holds {have} bytes",
+                path.display(),
+                info.layout.shape().dims(),
+                need.map_or("more than 2^64".to_string(), |n| n.to_string()),
+                info.path
+            ),
+        }
     }
     Ok(CheckpointFile {
         path: path.to_path_buf(),

@@ -55,6 +55,14 @@ pub struct CommonArgs {
     /// Accepted for compatibility with the reference; one process runs on one device.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     distributed: Option<String>,
+    /// Tolerate up to N training steps with a non-finite loss or gradient norm (skipped, counted in
+    /// log.txt); the next one stops the run. Default: the first one stops it.
+    #[arg(long = "skip-nonfinite", default_value_t = 0)]
+    skip_nonfinite: u64,
+    /// Refuse images with more pixels than this before decoding them (Pillow's
+    /// MAX_IMAGE_PIXELS; a guard against decompression bombs).
+    #[arg(long = "max-image-pixels", alias = "max_image_pixels", default_value_t = albef::data::transform::DEFAULT_MAX_IMAGE_PIXELS, value_parser = clap::value_parser!(u64).range(1..))]
+    max_image_pixels: u64,
     #[arg(long = "world_size", hide = true)]
     world_size: Option<usize>,
     #[arg(long = "dist_url", hide = true)]
@@ -64,6 +72,7 @@ pub struct CommonArgs {
 impl CommonArgs {
     /// The run options, with the task's default config and output folder.
     fn into_run(self, default_config: &str, default_out: &str) -> Result<RunOptions> {
+        albef::data::transform::set_max_image_pixels(self.max_image_pixels);
         Ok(RunOptions {
             config: self.config.unwrap_or_else(|| PathBuf::from(default_config)),
             output_dir: self.output_dir.unwrap_or_else(|| PathBuf::from(default_out)),
@@ -75,6 +84,7 @@ impl CommonArgs {
             device: super::device(&self.device)?,
             workers: self.workers,
             stop_after_epoch: self.stop_after_epoch,
+            skip_nonfinite: self.skip_nonfinite,
             overrides: Overrides {
                 batch_size_train: self.batch_size_train,
                 batch_size_test: self.batch_size_test,

@@ -10,6 +10,21 @@ pub const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 #[allow(clippy::excessive_precision)]
 pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
+/// Pillow's `Image.MAX_IMAGE_PIXELS`: larger images are refused before decoding (a few-byte
+/// file can claim 100,000 × 100,000 pixels, 30 GB decoded). Raised with `--max-image-pixels`.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 89_478_485;
+
+static MAX_IMAGE_PIXELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(DEFAULT_MAX_IMAGE_PIXELS);
+
+/// Sets the process-wide pixel limit of [`RgbImage::decode`].
+pub fn set_max_image_pixels(n: u64) {
+    MAX_IMAGE_PIXELS.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn max_image_pixels() -> u64 {
+    MAX_IMAGE_PIXELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// An 8-bit RGB image, row-major HWC.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RgbImage {
@@ -29,9 +44,33 @@ impl RgbImage {
 
     /// [`RgbImage::open`] on bytes already read (a tar shard's member); `name` is for errors.
     pub fn decode(bytes: &[u8], name: &str) -> Result<Self> {
-        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .with_context(|| format!("cannot read image {name}"))?;
+        let reader = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .with_context(|| format!("cannot read image {name}"))
+        };
+        // The header alone gives the size: refuse a bomb before anything is allocated for it.
+        let (w, h) = reader()?
+            .into_dimensions()
+            .with_context(|| format!("cannot decode image {name} (truncated or not an image?)"))?;
+        let (pixels, max) = (w as u64 * h as u64, max_image_pixels());
+        if pixels > max {
+            anyhow::bail!(
+                "image {name} is {w} × {h} = {pixels} pixels, more than the limit of {max} (a decompression bomb?); \
+                 raise it with --max-image-pixels if the image is genuine"
+            );
+        }
+        // With a raised limit the decoder may still ask for more memory than there is, and an
+        // allocation failure there aborts the process: ask first, fallibly.
+        let need = pixels.saturating_mul(8);
+        if Vec::<u8>::new().try_reserve_exact(need as usize).is_err() {
+            anyhow::bail!("image {name} is {w} × {h} pixels: not enough memory to decode it ({need} bytes)");
+        }
+        let mut reader = reader()?;
+        // The decoder's own allocation cap follows the pixel limit (8 bytes/pixel: 16-bit RGBA).
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(limits.max_alloc.unwrap_or(0).max(max.saturating_mul(8)));
+        reader.limits(limits);
         if reader.format() == Some(image::ImageFormat::Jpeg) {
             if let Err(why) = jpeg_complete(bytes) {
                 anyhow::bail!("cannot decode image {name}: JPEG truncated ({why})");

@@ -145,6 +145,23 @@ impl ParamStore {
         out
     }
 
+    /// Whether every float parameter and buffer is finite (one device sync: NaN and inf
+    /// survive a sum of absolute values).
+    pub fn all_finite(&self) -> candle_core::Result<bool> {
+        let mut total: Option<Tensor> = None;
+        for (_, t) in self.named_tensors() {
+            if !t.dtype().is_float() {
+                continue;
+            }
+            let s = t.to_dtype(DType::F32)?.abs()?.sum_all()?;
+            total = Some(match total {
+                None => s,
+                Some(acc) => (acc + s)?,
+            });
+        }
+        total.map_or(Ok(true), |t| t.to_scalar::<f32>().map(f32::is_finite))
+    }
+
     /// A new variable, built in place from its values (no second copy).
     fn make(&self, shape: &Shape, init: Init, dtype: DType) -> Result<Var> {
         if self.mode().placeholders {

@@ -157,7 +157,8 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
     mem::stage("build model");
     match &opts.checkpoint {
         Some(ckpt) => eprint!("{}", load_checkpoint(&model, T::TASK, ckpt, opts.evaluate, teacher)?),
-        None if !opts.resume => task.initialise(&model)?,
+        // A resume with nothing to resume from starts over (see `fit`), initialised as a fresh run.
+        None if !opts.resume || !opts.output_dir.join(crate::train::run::LAST).is_file() => task.initialise(&model)?,
         None => {}
     }
     let run = RunDir::create(&opts.output_dir)?;
@@ -171,7 +172,7 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
                 Some(t) => t,
                 None => bail!("the {} task read no training set", T::TASK),
             };
-            let loop_cfg = LoopConfig::new(training, opts.seed);
+            let loop_cfg = LoopConfig { skip_nonfinite: opts.skip_nonfinite, ..LoopConfig::new(training, opts.seed) };
             let mut optimizer = AdamW::new(model.store(), training.optimizer.weight_decay)?;
             let loader_cfg = LoaderConfig::train(training.batch_size, opts.seed).workers(opts.workers);
             let source = train_set.source(loader_cfg)?;

@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub workers: Option<usize>,
     /// Stop after this many completed epochs (continue later with `resume`).
     pub stop_after_epoch: Option<usize>,
+    /// Non-finite training steps tolerated (skipped) over the run; 0: the first one stops it.
+    pub skip_nonfinite: u64,
     /// Batch sizes and resolution given on the command line, in place of the config's.
     pub overrides: Overrides,
 }
@@ -60,6 +62,7 @@ impl RunOptions {
             device: Device::Cpu,
             workers: None,
             stop_after_epoch: None,
+            skip_nonfinite: 0,
             overrides: Overrides::default(),
         }
     }

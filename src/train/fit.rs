@@ -62,9 +62,19 @@ pub fn fit<S: BatchSource + ?Sized>(
     mut stats: impl FnMut(usize) -> Result<Metrics>,
     mut validate: impl FnMut(usize) -> Result<Option<Metrics>>,
 ) -> Result<FitEnd> {
-    let mut state = if cfg.resume { cfg.run.resume(store, optimizer, store.device())? } else { TrainState::default() };
-    if cfg.resume {
+    // `--resume` before any epoch completed (killed in the first one) starts over, so that a
+    // restart can always pass it.
+    let resume = cfg.resume && cfg.run.file(LAST).is_file();
+    if cfg.resume && !resume {
+        eprintln!("--resume: no {LAST} yet (no epoch completed): starting from epoch 0");
+    }
+    let mut state = if resume { cfg.run.resume(store, optimizer, store.device())? } else { TrainState::default() };
+    if resume {
         eprintln!("resuming after {} completed epoch(s)", state.epochs_done);
+    }
+    if cfg.resume {
+        // A run killed after logging an epoch but before its checkpoint redoes that epoch.
+        cfg.run.truncate_log(state.epochs_done)?;
     }
     let last_epoch = cfg.stop_after_epoch.map_or(cfg.epochs, |n| n.min(cfg.epochs));
     let mut best_val = None;
@@ -73,7 +83,15 @@ pub fn fit<S: BatchSource + ?Sized>(
         if iters == 0 {
             bail!("the training set has fewer examples ({}) than one batch", source.num_examples());
         }
-        let means = train_epoch(cfg.loop_cfg, optimizer, epoch, source.batches(epoch as u64)?, iters, &mut step)?;
+        let means = train_epoch(
+            cfg.loop_cfg,
+            optimizer,
+            &mut state.skipped_nonfinite,
+            epoch,
+            source.batches(epoch as u64)?,
+            iters,
+            &mut step,
+        )?;
         let extra = stats(epoch)?;
         let val = validate(epoch)?;
         let mut record: serde_json::Map<String, serde_json::Value> =
@@ -83,13 +101,31 @@ pub fn fit<S: BatchSource + ?Sized>(
             print_metrics(&format!("epoch {epoch} val"), v);
             record.extend(prefixed(cfg.val_prefix, v));
         }
+        if cfg.loop_cfg.skip_nonfinite > 0 {
+            record.insert("skipped_nonfinite".into(), json!(state.skipped_nonfinite));
+        }
         record.insert("epoch".into(), json!(epoch));
+        // Never checkpoint a model that went non-finite: checkpoint_last stays at the last good epoch.
+        if !store.all_finite()? {
+            bail!("the model's parameters became non-finite during epoch {epoch}; checkpoint_last holds the last good epoch");
+        }
         cfg.run.log(&serde_json::Value::Object(record))?;
         state.epochs_done = epoch + 1;
         state.optimizer_step = optimizer.step;
         let score = match (cfg.select, &val) {
             (Some(key), Some(v)) => v.get(key).copied(),
             _ => None,
+        };
+        // A NaN metric is never the best (NaN > b is false, but a first epoch has no b).
+        let score = match score {
+            Some(s) if !s.is_finite() => {
+                eprintln!(
+                    "warning: validation {} is {s} at epoch {epoch}; not a best checkpoint",
+                    cfg.select.unwrap_or("")
+                );
+                None
+            }
+            s => s,
         };
         let better = match (score, state.best_metric) {
             (Some(s), Some(b)) => s > b,

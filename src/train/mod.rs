@@ -29,20 +29,33 @@ pub struct LoopConfig {
     pub alpha: f64,
     pub warm_up: bool,
     pub seed: u64,
+    /// Steps with a non-finite loss or gradient norm tolerated over the run (skipped, not
+    /// applied); one more stops the run.
+    pub skip_nonfinite: u64,
 }
 
 impl LoopConfig {
     pub fn new(training: &crate::config::Training, seed: u64) -> Self {
-        Self { schedule: training.schedule.clone(), alpha: training.alpha, warm_up: training.warm_up, seed }
+        Self {
+            schedule: training.schedule.clone(),
+            alpha: training.alpha,
+            warm_up: training.warm_up,
+            seed,
+            skip_nonfinite: 0,
+        }
     }
 }
 
 /// One training epoch. `step` computes the losses of a batch given α and the step RNG (hard
 /// negatives, masking); this function does the rest.
 /// Returns the epoch means of every loss and the last learning rate, keyed `lr` and by loss name.
+/// A non-finite loss or gradient norm stops it with an error naming epoch, iteration and loss,
+/// unless `skipped` (the run's count so far) is below `cfg.skip_nonfinite`: then the step is
+/// skipped, counted, and the epoch goes on.
 pub fn train_epoch<B, I, F>(
     cfg: &LoopConfig,
     optimizer: &mut AdamW,
+    skipped: &mut u64,
     epoch: usize,
     batches: I,
     iters_per_epoch: usize,
@@ -64,21 +77,48 @@ where
         let a = alpha(cfg.alpha, cfg.warm_up, epoch, i, iters_per_epoch);
         let losses = step(batch?, a, &mut rng)?;
         let mut total: Option<Tensor> = None;
-        let mut shown = Vec::new();
+        let mut values = Vec::new();
         for (name, l) in &losses {
-            let v = l.to_scalar::<f32>()? as f64;
-            if !v.is_finite() {
-                bail!("{name} became {v} at epoch {epoch}, iteration {i} (learning rate {lr:e})");
-            }
-            *sums.entry(name).or_default() += v;
-            shown.push(format!("{name}: {v:.4}"));
+            values.push((*name, l.to_scalar::<f32>()? as f64));
             total = Some(match total {
                 None => l.clone(),
                 Some(t) => (t + l)?,
             });
         }
         let Some(total) = total else { bail!("the task returned no loss") };
-        optimizer.step(&total.backward()?, lr)?;
+        let bad = values.iter().find(|(_, v)| !v.is_finite()).map(|&(name, v)| format!("{name} became {v}"));
+        let mut grads = None;
+        let bad = match bad {
+            Some(bad) => Some(bad),
+            None => {
+                let g = total.backward()?;
+                let norm = optimizer.grad_norm(&g)?;
+                grads = Some(g);
+                (!norm.is_finite()).then(|| format!("the gradient norm became {norm}"))
+            }
+        };
+        if let Some(bad) = bad {
+            let at = format!("at epoch {epoch}, iteration {i} (learning rate {lr:e})");
+            if *skipped >= cfg.skip_nonfinite {
+                bail!(
+                    "{bad} {at}; stopping ({} non-finite step(s) skipped before, --skip-nonfinite {}). \
+                     checkpoint_last holds the last good epoch",
+                    *skipped,
+                    cfg.skip_nonfinite
+                );
+            }
+            *skipped += 1;
+            eprintln!("warning: {bad} {at}; step skipped ({} of --skip-nonfinite {})", *skipped, cfg.skip_nonfinite);
+            continue;
+        }
+        if let Some(grads) = grads {
+            optimizer.step(&grads, lr)?;
+        }
+        let mut shown = Vec::new();
+        for (name, v) in values {
+            *sums.entry(name).or_default() += v;
+            shown.push(format!("{name}: {v:.4}"));
+        }
         n += 1;
         progress.step(i, || format!("lr: {lr:.6e}  {}", shown.join("  ")));
     }

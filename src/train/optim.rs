@@ -42,6 +42,21 @@ impl AdamW {
         Ok(Self { slots, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0 })
     }
 
+    /// The global L2 norm of the gradients of this optimizer's parameters (one device sync).
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut total: Option<Tensor> = None;
+        for s in &self.slots {
+            if let Some(g) = grads.get(&s.var) {
+                let sq = g.detach().to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?;
+                total = Some(match total {
+                    None => sq,
+                    Some(t) => (t + sq)?,
+                });
+            }
+        }
+        Ok(total.map_or(Ok(0.0), |t| t.to_scalar::<f32>().map(|v| (v as f64).sqrt()))?)
+    }
+
     /// One update with learning rate `lr`; parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;

@@ -23,23 +23,59 @@ pub struct TrainState {
     pub best_metric: Option<f64>,
     pub best_epoch: Option<usize>,
     pub optimizer_step: u64,
+    /// Steps skipped for a non-finite loss or gradient (`--skip-nonfinite`), over the run.
+    #[serde(default)]
+    pub skipped_nonfinite: u64,
 }
+
+/// The lock file that marks an output folder as held by a live run.
+pub const LOCK: &str = ".albef.lock";
 
 pub struct RunDir {
     pub path: PathBuf,
+    /// Held (an OS file lock, released when the process ends, however it ends) while this exists.
+    _lock: std::fs::File,
 }
 
 impl RunDir {
+    /// Creates the folder and locks it: a second run into a folder a live run holds is refused.
     pub fn create(path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path).with_context(|| format!("cannot create output folder {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf() })
+        let lock_path = path.join(LOCK);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot create {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "output folder {} is in use by another albef run (it holds {}); wait for it to end or choose \
+                 another --output_dir",
+                path.display(),
+                lock_path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()))
+            }
+        }
+        // Temporary files of killed writers: nobody else can be writing here now.
+        for entry in std::fs::read_dir(path)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(Self { path: path.to_path_buf(), _lock: lock })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
 
-    /// Appends one JSON object as a line of `log.txt`.
+    /// Appends one JSON object as a line of `log.txt`: one `write` of the whole line, synced, so
+    /// that a kill leaves no torn line; a failed write (disk full) is cut off again.
     pub fn log(&self, record: &serde_json::Value) -> Result<()> {
         let path = self.file("log.txt");
         let mut f = std::fs::OpenOptions::new()
@@ -47,7 +83,39 @@ impl RunDir {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        writeln!(f, "{record}")?;
+        let before = f.metadata()?.len();
+        let line = format!("{record}\n");
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
+            let _ = f.set_len(before);
+            return Err(e).with_context(|| format!("cannot write {} (disk full?)", path.display()));
+        }
+        Ok(())
+    }
+
+    /// Drops the `log.txt` lines after the one of epoch `epochs_done - 1` (epochs that a resumed
+    /// run does again; all of them for 0), atomically.
+    pub fn truncate_log(&self, epochs_done: usize) -> Result<()> {
+        let path = self.file("log.txt");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let lines: Vec<&str> = text.lines().collect();
+        let epoch_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok()?.get("epoch")?.as_u64();
+        // The epoch records are 0, 1, … in order; keep through epoch `epochs_done - 1` (a final
+        // record after them, whatever epoch it names, goes).
+        let mut next = 0usize;
+        let mut keep = if epochs_done == 0 { 0 } else { lines.len() };
+        for (i, l) in lines.iter().enumerate() {
+            if next < epochs_done && epoch_of(l) == Some(next as u64) {
+                next += 1;
+                if next == epochs_done {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if keep < lines.len() {
+            let kept: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
+            write_atomic(&path, kept.as_bytes())?;
+        }
         Ok(())
     }
 
