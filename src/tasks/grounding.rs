@@ -279,15 +279,7 @@ impl TaskSpec for Grounding {
         alpha: f64,
         rng: &mut StdRng,
     ) -> Result<Losses> {
-        let dev = ctx.device;
-        let image = image_batch(batch.iter().map(|s| s.pixels.as_slice()), ctx.model.cfg.vision.image_res, dev)?;
-        let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
-        // `padding='longest', max_length=30` without truncation: max_length has no effect.
-        let (ids, mask) =
-            ctx.tokenizer.encode_batch(&captions, Padding::Longest { truncate_to: None }).to_tensors(dev)?;
-        let idx = Tensor::from_vec(batch.iter().map(|s| s.idx).collect::<Vec<i64>>(), batch.len(), dev)?;
-        let l = ctx.model.forward_train(&image, &ids, &mask, Some(&idx), alpha, None, rng, true)?;
-        Ok(vec![("loss_ita", l.ita), ("loss_itm", l.itm)])
+        super::retrieval::train_step(ctx, batch, alpha, rng)
     }
 
     fn validate(&self, ctx: &Ctx<ContrastiveModel>) -> Result<Option<Metrics>> {
