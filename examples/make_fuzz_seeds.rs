@@ -29,13 +29,7 @@ fn png(w: u32, h: u32, color: image::ColorType) -> Result<Vec<u8>> {
     let channels = color.bytes_per_pixel() as usize;
     let data: Vec<u8> = (0..w as usize * h as usize * channels).map(|i| (i * 37 % 251) as u8).collect();
     let mut out = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut out),
-        &data,
-        w,
-        h,
-        color.into(),
-    )?;
+    image::ImageEncoder::write_image(image::codecs::png::PngEncoder::new(&mut out), &data, w, h, color.into())?;
     Ok(out)
 }
 

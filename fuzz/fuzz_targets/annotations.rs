@@ -4,10 +4,10 @@
 #![no_main]
 use albef::data::classify::{ClassifyDataset, Format};
 use albef::data::grounding::{Dets, GroundingEval, GroundingTrain, Refer};
+use albef::data::prepare;
 use albef::data::pretrain::{raw_entries, PretrainDataset};
 use albef::data::retrieval::{RetrievalEval, RetrievalTrain};
 use albef::data::vqa::{read_answer_list, VqaDataset};
-use albef::data::prepare;
 use libfuzzer_sys::fuzz_target;
 
 /// A small valid REFER pair, for the readers that take two files and fuzz one of them.

@@ -2,8 +2,8 @@
 //! the model sizes it describes; and as the model-only file of `checkpoint inspect --config`.
 #![no_main]
 use albef::config::{
-    model_config_from_file, Config, GroundingKeys, NlvrKeys, NlvrPretrainKeys, PretrainKeys, RetrievalKeys,
-    TaskKeys, VeKeys, VqaKeys,
+    model_config_from_file, Config, GroundingKeys, NlvrKeys, NlvrPretrainKeys, PretrainKeys, RetrievalKeys, TaskKeys,
+    VeKeys, VqaKeys,
 };
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;

@@ -171,6 +171,7 @@ const MAX_PICKLE_BYTES: u64 = 256 << 20;
 /// `pickle_guard`), and returns the uncompressed size of every zip entry, to check tensor extents.
 fn scan_pth(path: &Path) -> Result<BTreeMap<String, u64>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open checkpoint {}", path.display()))?;
+    let file_len = file.metadata().with_context(|| format!("cannot read checkpoint {}", path.display()))?.len();
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| corrupt(path, &e))?;
     let mut sizes = BTreeMap::new();
     for i in 0..zip.len() {
@@ -184,7 +185,8 @@ fn scan_pth(path: &Path) -> Result<BTreeMap<String, u64>> {
         if entry.size() > MAX_PICKLE_BYTES {
             bail!("{what}: the pickle is {} bytes, more than any state dict needs", entry.size());
         }
-        let mut data = Vec::with_capacity(entry.size() as usize);
+        // Reserve what the zip header claims only up to the file's size: the claim may lie.
+        let mut data = Vec::with_capacity(entry.size().min(file_len) as usize);
         // `take`: the size in the zip header may lie; never read more than the limit.
         (&mut entry).take(MAX_PICKLE_BYTES + 1).read_to_end(&mut data).map_err(|e| corrupt(path, &e))?;
         if data.len() as u64 > MAX_PICKLE_BYTES {

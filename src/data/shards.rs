@@ -118,15 +118,20 @@ fn split_key(name: &str) -> Option<(&str, &str)> {
 /// `Ok(Some(why))`: the shard is cut short or damaged after its last complete sample.
 pub fn read_shard(path: &Path, index: usize, mut emit: impl FnMut(RawSample) -> bool) -> Result<Option<String>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
+    let shard_len = file.metadata().with_context(|| format!("cannot read shard {}", path.display()))?.len();
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
     let entries = archive.entries().with_context(|| format!("cannot read shard {}", path.display()))?;
     let mut current: Option<RawSample> = None;
     let mut damage = None;
+    let mut last_member: Option<String> = None;
     for entry in entries {
         let mut entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                damage = Some(format!("{e}"));
+                damage = Some(match &last_member {
+                    Some(name) => format!("{e} (after member {name}, which may be cut short)"),
+                    None => format!("{e}"),
+                });
                 break;
             }
         };
@@ -140,11 +145,14 @@ pub fn read_shard(path: &Path, index: usize, mut emit: impl FnMut(RawSample) -> 
                 break;
             }
         };
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        // The header's size may lie (a 1 KiB shard can claim 2^62 bytes): reserve no more than
+        // the shard itself holds; `read_to_end` grows the buffer as real bytes arrive.
+        let mut bytes = Vec::with_capacity(entry.size().min(shard_len) as usize);
         if let Err(e) = entry.read_to_end(&mut bytes) {
             damage = Some(format!("member {name} cut short ({e})"));
             break;
         }
+        last_member = Some(name.clone());
         // Members without an extension belong to no sample (WebDataset ignores them too).
         let Some((key, ext)) = split_key(&name) else { continue };
         if current.as_ref().is_some_and(|c| c.key != key) && !emit(current.take().expect("checked")) {
