@@ -2,15 +2,17 @@
 //! the model sizes it describes; and as the model-only file of `checkpoint inspect --config`.
 #![no_main]
 use albef::config::{
-    model_config_from_file, Config, GroundingKeys, NlvrKeys, NlvrPretrainKeys, PretrainKeys, RetrievalKeys, TaskKeys,
-    VeKeys, VqaKeys,
+    model_config_from_file, read_yaml, Config, GroundingKeys, NlvrKeys, NlvrPretrainKeys, PretrainKeys, RetrievalKeys,
+    TaskKeys, VeKeys, VqaKeys,
 };
 use libfuzzer_sys::fuzz_target;
+use serde_norway::Value;
 use std::path::Path;
 
-fn check<T: TaskKeys>(path: &Path) {
+/// `Config::<T>::load` is `read_yaml` + `from_value`: the file is parsed once for all tasks.
+fn check<T: TaskKeys>(value: &Value, path: &Path) {
     for training in [false, true] {
-        if let Ok(cfg) = Config::<T>::load(path, training) {
+        if let Ok(cfg) = Config::<T>::from_value(value.clone(), path, training) {
             let _ = cfg.model_config();
             let _ = cfg.training();
             let _ = cfg.to_yaml();
@@ -20,12 +22,13 @@ fn check<T: TaskKeys>(path: &Path) {
 
 fuzz_target!(|data: &[u8]| {
     let path = albef_fuzz::put("config.yaml", data);
-    check::<RetrievalKeys>(&path);
-    check::<VqaKeys>(&path);
-    check::<VeKeys>(&path);
-    check::<NlvrKeys>(&path);
-    check::<NlvrPretrainKeys>(&path);
-    check::<GroundingKeys>(&path);
-    check::<PretrainKeys>(&path);
     let _ = model_config_from_file(&path);
+    let Ok(value) = read_yaml(&path) else { return };
+    check::<RetrievalKeys>(&value, &path);
+    check::<VqaKeys>(&value, &path);
+    check::<VeKeys>(&value, &path);
+    check::<NlvrKeys>(&value, &path);
+    check::<NlvrPretrainKeys>(&value, &path);
+    check::<GroundingKeys>(&value, &path);
+    check::<PretrainKeys>(&value, &path);
 });

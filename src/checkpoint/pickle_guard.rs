@@ -30,20 +30,69 @@ const ALLOWED: &[(&str, &str)] = &[
 /// Deeper nesting than any state dict; candle's recursive drop of a deep tree would overflow.
 const MAX_DEPTH: u32 = 256;
 
+/// What candle's reader takes apart by position (it indexes tuples without checking their
+/// length, and a short one panics): the rebuild functions and the tuples given to them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Other,
+    /// `torch._utils._rebuild_tensor_v2`, `torch._tensor._rebuild_from_type_v2`,
+    /// `torch._utils._rebuild_parameter`.
+    RebuildTensor,
+    RebuildFromType,
+    RebuildParameter,
+    /// A tuple, with the length of its third item when that is a tuple too.
+    Tuple {
+        len: usize,
+        third_len: Option<usize>,
+    },
+}
+
 #[derive(Clone, Copy)]
 struct Obj {
     /// Bytes candle would hold for this object, memo copies included.
     weight: u64,
     depth: u32,
     mark: bool,
+    kind: Kind,
 }
 
 fn scalar(weight: u64) -> Obj {
-    Obj { weight: weight + 16, depth: 0, mark: false }
+    Obj { weight: weight + 16, depth: 0, mark: false, kind: Kind::Other }
 }
 
 fn add_items(container: Obj, items: Obj) -> Obj {
-    Obj { weight: container.weight.saturating_add(items.weight), depth: container.depth.max(items.depth), mark: false }
+    Obj {
+        weight: container.weight.saturating_add(items.weight),
+        depth: container.depth.max(items.depth),
+        mark: false,
+        kind: Kind::Other,
+    }
+}
+
+fn tuple_kind(items: &[Obj]) -> Kind {
+    let third_len = match items.get(2).map(|o| o.kind) {
+        Some(Kind::Tuple { len, .. }) => Some(len),
+        _ => None,
+    };
+    Kind::Tuple { len: items.len(), third_len }
+}
+
+/// The fewest items (and, for `_rebuild_from_type_v2`, items of its inner argument tuple)
+/// candle's reader takes from a rebuild call's arguments; torch writes 6, 4 (with 6) and 3.
+fn short_rebuild_args(f: Kind, args: Kind) -> Option<String> {
+    let Kind::Tuple { len, third_len } = args else { return None };
+    match f {
+        Kind::RebuildTensor if len < 4 => Some(format!("_rebuild_tensor_v2 gets {len} arguments (torch writes 6)")),
+        Kind::RebuildFromType if len < 3 => {
+            Some(format!("_rebuild_from_type_v2 gets {len} arguments (torch writes 4)"))
+        }
+        Kind::RebuildFromType if third_len.is_some_and(|n| n < 4) => Some(format!(
+            "_rebuild_from_type_v2's tensor arguments are {} items (torch writes 6)",
+            third_len.unwrap_or(0)
+        )),
+        Kind::RebuildParameter if len < 1 => Some("_rebuild_parameter gets no arguments (torch writes 3)".into()),
+        _ => None,
+    }
 }
 
 /// Checks one pickle (`data.pkl` of a `.pth`); `what` names it in errors.
@@ -76,14 +125,19 @@ pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
             _ => bail!("{what}: the pickle pops an empty stack at byte {at}"),
         }
     };
-    let pop_mark = |stack: &mut Vec<Obj>, at: usize| -> Result<Obj> {
-        let mut acc = Obj { weight: 16, depth: 0, mark: false };
+    let pop_mark = |stack: &mut Vec<Obj>, at: usize| -> Result<(Obj, Vec<Obj>)> {
+        let mut acc = Obj { weight: 16, depth: 0, mark: false, kind: Kind::Other };
+        let mut items = Vec::new();
         loop {
             match stack.pop() {
-                Some(o) if o.mark => return Ok(acc),
+                Some(o) if o.mark => {
+                    items.reverse();
+                    return Ok((acc, items));
+                }
                 Some(o) => {
                     acc.weight = acc.weight.saturating_add(o.weight);
                     acc.depth = acc.depth.max(o.depth);
+                    items.push(o);
                 }
                 None => bail!("{what}: no MARK for the opcode at byte {at}"),
             }
@@ -91,8 +145,9 @@ pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
     };
     let combine = |parts: &[Obj]| -> Obj {
         let weight = parts.iter().fold(16u64, |a, o| a.saturating_add(o.weight));
-        Obj { weight, depth: parts.iter().map(|o| o.depth).max().unwrap_or(0) + 1, mark: false }
+        Obj { weight, depth: parts.iter().map(|o| o.depth).max().unwrap_or(0) + 1, mark: false, kind: Kind::Other }
     };
+    let tuple = |parts: &[Obj]| -> Obj { Obj { kind: tuple_kind(parts), ..combine(parts) } };
     let check_global = |module: &str, name: &str, at: usize| -> Result<()> {
         if !ALLOWED.iter().any(|&(m, n)| m == module && n == name) {
             bail!(
@@ -115,7 +170,13 @@ pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
                 let module = line(&mut pos)?;
                 let name = line(&mut pos)?;
                 check_global(&module, &name, at)?;
-                stack.push(scalar((module.len() + name.len()) as u64));
+                let kind = match (module.as_str(), name.as_str()) {
+                    ("torch._utils", "_rebuild_tensor_v2") => Kind::RebuildTensor,
+                    ("torch._tensor", "_rebuild_from_type_v2") => Kind::RebuildFromType,
+                    ("torch._utils", "_rebuild_parameter") => Kind::RebuildParameter,
+                    _ => Kind::Other,
+                };
+                stack.push(Obj { kind, ..scalar((module.len() + name.len()) as u64) });
             }
             0x93 => {
                 // STACK_GLOBAL (protocol 4): module and name are the last two strings pushed.
@@ -165,35 +226,48 @@ pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
                 take(&mut pos, n)?;
                 stack.push(scalar(n as u64));
             }
-            b')' | b']' | b'}' | b'N' | 0x88 | 0x89 => stack.push(scalar(0)),
-            b'(' => stack.push(Obj { weight: 0, depth: 0, mark: true }),
+            b')' => stack.push(tuple(&[])),
+            b']' | b'}' | b'N' | 0x88 | 0x89 => stack.push(scalar(0)),
+            b'(' => stack.push(Obj { weight: 0, depth: 0, mark: true, kind: Kind::Other }),
             b't' | b'd' => {
-                let o = pop_mark(&mut stack, at)?;
-                stack.push(Obj { depth: o.depth + 1, ..o });
+                let (o, items) = pop_mark(&mut stack, at)?;
+                let kind = if op == b't' { tuple_kind(&items) } else { Kind::Other };
+                stack.push(Obj { depth: o.depth + 1, kind, ..o });
             }
             0x85 => {
                 let a = pop(&mut stack, at)?;
-                stack.push(combine(&[a]));
+                stack.push(tuple(&[a]));
             }
             0x86 => {
                 let b = pop(&mut stack, at)?;
                 let a = pop(&mut stack, at)?;
-                stack.push(combine(&[a, b]));
+                stack.push(tuple(&[a, b]));
             }
             0x87 => {
                 let c = pop(&mut stack, at)?;
                 let b = pop(&mut stack, at)?;
                 let a = pop(&mut stack, at)?;
-                stack.push(combine(&[a, b, c]));
+                stack.push(tuple(&[a, b, c]));
             }
             // Two operands combined into one: REDUCE, BUILD, NEWOBJ (callable/object + args).
             b'R' | b'b' | 0x81 => {
                 let args = pop(&mut stack, at)?;
                 let f = pop(&mut stack, at)?;
+                if let Some(why) = short_rebuild_args(f.kind, args.kind) {
+                    bail!("{what}: malformed tensor record at byte {at}: {why}");
+                }
                 stack.push(combine(&[f, args]));
             }
             b'Q' => {
                 let id = pop(&mut stack, at)?;
+                if let Kind::Tuple { len, .. } = id.kind {
+                    if len < 5 {
+                        bail!(
+                            "{what}: malformed tensor record at byte {at}: a storage id of {len} items \
+                             (torch writes 5: 'storage', type, key, device, size)"
+                        );
+                    }
+                }
                 stack.push(combine(&[id]));
             }
             // Items added to a list or dict: it grows, and is one level above its deepest item.
@@ -204,7 +278,7 @@ pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
                 stack.push(add_items(c, combine(&[k, v])));
             }
             b'e' | b'u' => {
-                let items = pop_mark(&mut stack, at)?;
+                let (items, _) = pop_mark(&mut stack, at)?;
                 let c = pop(&mut stack, at)?;
                 stack.push(add_items(c, Obj { depth: items.depth + 1, ..items }));
             }
