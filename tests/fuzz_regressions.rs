@@ -3,7 +3,9 @@
 //! Inputs: `tests/fixtures/fuzz-regressions/<target>/`.
 
 use albef::checkpoint::CheckpointFile;
+use albef::data::grounding::Refer;
 use albef::data::pretrain::shard_sample;
+use albef::data::refcoco::from_refer;
 use albef::data::shards::read_shard;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
@@ -74,4 +76,44 @@ fn short_tensor_records_are_refused_before_candle_indexes_them() {
         assert!(err.contains("input.pth"), "{name}: the error names the file: {err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
+}
+
+/// Found by review while writing the `refer_pickle` target: serde-pickle (and the conversion to
+/// JSON) recurse once per nesting level, so 60 kB of `]`…`a` (30,000 nested lists) overflowed the
+/// stack. REFER files are now pre-scanned like `.pth` pickles: no globals, nesting ≤ 256.
+#[test]
+fn deeply_nested_refer_pickle_is_refused_not_a_stack_overflow() {
+    let (dir, refs) = staged("refer_pickle", "nested_30000_lists.p", "refs(unc).p");
+    let instances = dir.join("instances.json");
+    std::fs::write(&instances, r#"{"images": [], "annotations": []}"#).unwrap();
+    let err = Refer::open(&refs, &instances).err().expect("refused").to_string();
+    assert!(err.contains("refs(unc).p") && err.contains("nests deeper than 256"), "{err}");
+    let out = dir.join("out");
+    let err = from_refer(&refs, &instances, "refcoco", "unc", &out, true).expect_err("refused").to_string();
+    assert!(err.contains("nests deeper than 256"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The pre-scan lets real REFER files through: Python's protocol 0 (text, as Python 2 wrote the
+/// released files) and protocol 2 pickles of refs (the `refer_pickle` fuzz seeds).
+#[test]
+fn python_refer_pickles_of_protocols_0_and_2_still_open() {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/refer_pickle");
+    let dir = std::env::temp_dir().join(format!("albef-fuzz-regression-{}-refer-ok", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let instances = dir.join("instances.json");
+    std::fs::write(
+        &instances,
+        r#"{"images": [{"id": 7, "file_name": "a.jpg", "width": 64, "height": 48}],
+            "annotations": [{"id": 3, "bbox": [1, 2, 3, 4]}]}"#,
+    )
+    .unwrap();
+    for proto in [0, 2] {
+        let refs = dir.join("refs(unc).p");
+        std::fs::copy(seeds.join(format!("python_proto{proto}.p")), &refs).unwrap();
+        let refer = Refer::open(&refs, &instances).unwrap_or_else(|e| panic!("protocol {proto}: {e:#}"));
+        assert_eq!(refer.refs.len(), 2, "protocol {proto}");
+        assert_eq!(refer.refs[&2].split, "testA");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }

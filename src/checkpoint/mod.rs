@@ -6,7 +6,7 @@ mod interpolate;
 mod io;
 mod kind;
 mod load;
-mod pickle_guard;
+pub(crate) mod pickle_guard;
 mod remap;
 
 pub use interpolate::{interpolate_pos_embed, torch_interpolate_bicubic, torch_upsample_bicubic_plane};

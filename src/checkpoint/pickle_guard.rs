@@ -97,6 +97,18 @@ fn short_rebuild_args(f: Kind, args: Kind) -> Option<String> {
 
 /// Checks one pickle (`data.pkl` of a `.pth`); `what` names it in errors.
 pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
+    walk(data, what, ALLOWED, "a PyTorch state dict never needs; refusing to load it (pickle is read as data only: allowed are tensor rebuild functions, storage types and collections.OrderedDict)")
+}
+
+/// Checks a pickle of plain data (lists, dicts, strings, numbers: the REFER refs file, which
+/// Python 2 may have written with the text protocol 0) before serde-pickle parses it: no globals
+/// at all, and the same bounds on nesting (serde-pickle and the conversion recurse, so a deep
+/// file overflowed the stack) and on memo expansion.
+pub fn check_data_pickle(data: &[u8], what: &str) -> Result<()> {
+    walk(data, what, &[], "a data pickle (lists, dicts, strings, numbers) never needs; refusing it")
+}
+
+fn walk(data: &[u8], what: &str, allowed: &[(&str, &str)], refusal: &str) -> Result<()> {
     // A legitimate tree is about as large as its pickle; memo reuse is what multiplies it.
     let max_weight = 64 * data.len() as u64 + (1 << 20);
     let mut stack: Vec<Obj> = Vec::new();
@@ -114,7 +126,7 @@ pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
     let line = |pos: &mut usize| -> Result<String> {
         let rest = &data[*pos..];
         let Some(n) = rest.iter().position(|&b| b == b'\n') else {
-            bail!("{what}: unterminated GLOBAL name at byte {}", *pos);
+            bail!("{what}: unterminated text argument at byte {}", *pos);
         };
         *pos += n + 1;
         Ok(String::from_utf8_lossy(&rest[..n]).into_owned())
@@ -149,12 +161,8 @@ pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
     };
     let tuple = |parts: &[Obj]| -> Obj { Obj { kind: tuple_kind(parts), ..combine(parts) } };
     let check_global = |module: &str, name: &str, at: usize| -> Result<()> {
-        if !ALLOWED.iter().any(|&(m, n)| m == module && n == name) {
-            bail!(
-                "{what}: the pickle refers to `{module}.{name}` (byte {at}), which a PyTorch state dict never \
-                 needs; refusing to load it (pickle is read as data only: allowed are tensor rebuild functions, \
-                 storage types and collections.OrderedDict)"
-            );
+        if !allowed.iter().any(|&(m, n)| m == module && n == name) {
+            bail!("{what}: the pickle refers to `{module}.{name}` (byte {at}), which {refusal}");
         }
         Ok(())
     };
@@ -195,11 +203,52 @@ pub fn check_pickle(data: &[u8], what: &str) -> Result<()> {
             b'o' | 0x82 | 0x83 | 0x84 => {
                 bail!("{what}: opcode {op:#04x} at byte {at} builds an object from outside the pickle; refusing it")
             }
-            b'X' | 0x8c => {
-                let len = if op == b'X' {
-                    u32::from_le_bytes(take(&mut pos, 4)?.try_into().unwrap()) as usize
+            // Text protocol 0: the argument is a line.
+            b'I' | b'L' | b'F' => {
+                line(&mut pos)?;
+                stack.push(scalar(0));
+            }
+            b'S' | b'V' => {
+                let s = line(&mut pos)?;
+                stack.push(scalar(s.len() as u64));
+            }
+            b'p' | b'g' => {
+                let idx: u32 = line(&mut pos)?
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{what}: bad memo index at byte {at}"))?;
+                if op == b'p' {
+                    let Some(&top) = stack.last().filter(|o| !o.mark) else {
+                        bail!("{what}: memo write of an empty stack at byte {at}");
+                    };
+                    memo.insert(idx, top);
                 } else {
-                    take(&mut pos, 1)?[0] as usize
+                    let Some(&o) = memo.get(&idx) else {
+                        bail!("{what}: memo entry {idx} read before it is written (byte {at})");
+                    };
+                    stack.push(o);
+                }
+            }
+            b'l' => {
+                let (o, _) = pop_mark(&mut stack, at)?;
+                stack.push(Obj { depth: o.depth + 1, ..o });
+            }
+            b'0' => {
+                stack.pop();
+            }
+            b'1' => {
+                pop_mark(&mut stack, at)?;
+            }
+            b'2' => {
+                let Some(&top) = stack.last() else { bail!("{what}: DUP of an empty stack at byte {at}") };
+                stack.push(top);
+            }
+            b'X' | 0x8c | b'T' | b'U' | b'B' | b'C' | 0x8b | 0x8d | 0x8e => {
+                let len = match op {
+                    b'X' | b'T' | b'B' | 0x8b => u32::from_le_bytes(take(&mut pos, 4)?.try_into().unwrap()) as usize,
+                    0x8d | 0x8e => usize::try_from(u64::from_le_bytes(take(&mut pos, 8)?.try_into().unwrap()))
+                        .unwrap_or(usize::MAX),
+                    _ => take(&mut pos, 1)?[0] as usize,
                 };
                 let s = take(&mut pos, len)?;
                 pushed_string = Some(String::from_utf8_lossy(s).into_owned());

@@ -42,6 +42,7 @@ fn to_json(v: serde_pickle::Value) -> Value {
 
 pub(crate) fn read_pickle(path: &Path) -> Result<Value> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    crate::checkpoint::pickle_guard::check_data_pickle(&bytes, &path.display().to_string())?;
     let v = serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new().decode_strings())
         .map_err(|e| anyhow::anyhow!("{} is not a readable pickle ({e}); truncated download?", path.display()))?;
     Ok(to_json(v))
