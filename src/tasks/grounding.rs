@@ -199,7 +199,9 @@ impl Grounding {
             ]
             .into_iter()
             .collect();
-            crate::checkpoint::save_safetensors(&sd, &meta, &ctx.run.file("gradcam.safetensors"))?;
+            if ctx.run.is_primary() {
+                crate::checkpoint::save_safetensors(&sd, &meta, &ctx.run.file("gradcam.safetensors"))?;
+            }
         }
         Ok(())
     }
