@@ -220,8 +220,14 @@ fn reference_step(f: &Fixture, epochs: usize, both: bool) -> Trained {
             let ptr = ranks[0].model.queues.ptr.as_tensor().to_vec1::<i64>().unwrap()[0] as usize;
             let mut grads = Vec::new();
             for (r, p) in ranks.iter().enumerate() {
-                let ctx =
-                    Ctx { model: &p.model, tokenizer: &p.tokenizer, device: &Device::Cpu, workers: Some(1), run: &run, comm: None };
+                let ctx = Ctx {
+                    model: &p.model,
+                    tokenizer: &p.tokenizer,
+                    device: &Device::Cpu,
+                    workers: Some(1),
+                    run: &run,
+                    comm: None,
+                };
                 let batch = batches[r].next().unwrap().unwrap();
                 let losses = train_step(&ctx, batch, a, &mut rngs[r]).unwrap();
                 let total = (&losses[0].1 + &losses[1].1).unwrap();
@@ -270,14 +276,8 @@ fn reference_step(f: &Fixture, epochs: usize, both: bool) -> Trained {
             let [p0, p1] = &mut ranks;
             p0.optimizer.step(&g0[0], lr).unwrap();
             // Rank 1 holds what rank 0 holds (weights, teacher, queues).
-            let all1: BTreeMap<String, candle_core::Var> = p1
-                .model
-                .store
-                .params()
-                .into_iter()
-                .map(|p| (p.name, p.var))
-                .chain(p1.model.store.buffers())
-                .collect();
+            let all1: BTreeMap<String, candle_core::Var> =
+                p1.model.store.params().into_iter().map(|p| (p.name, p.var)).chain(p1.model.store.buffers()).collect();
             for (name, t) in p0.model.store.named_tensors() {
                 all1[&name].set(&t.copy().unwrap()).unwrap();
             }
@@ -323,11 +323,13 @@ fn a_the_ranks_read_disjoint_shards_covering_the_epoch() {
                 }
             }
             // The same permutation on every rank (one process's order, dealt out).
-            let one = epoch_batches(len, &LoaderConfig { drop_last: false, ..LoaderConfig::train(BATCH, SEED) }, epoch).concat();
+            let one = epoch_batches(len, &LoaderConfig { drop_last: false, ..LoaderConfig::train(BATCH, SEED) }, epoch)
+                .concat();
             assert_eq!(shards[0][0], one[0]);
             assert_eq!(shards[world - 1][0], one[world - 1]);
             // The train loader drops each rank's last incomplete batch.
-            let kept: usize = epoch_batches(len, &LoaderConfig::train(BATCH, SEED).shard(0, world), epoch).concat().len();
+            let kept: usize =
+                epoch_batches(len, &LoaderConfig::train(BATCH, SEED).shard(0, world), epoch).concat().len();
             assert_eq!(kept, per_rank / BATCH * BATCH);
         }
     }
@@ -398,6 +400,47 @@ fn d_distributed_retrieval_evaluation_equals_one_process() {
     // Only rank 0 wrote: one log line for the evaluation.
     let log = std::fs::read_to_string(f.dir.join("dist/log.txt")).unwrap();
     assert_eq!(log.lines().count(), 1);
+}
+
+#[test]
+fn d_sharded_classification_evaluation_equals_one_process() {
+    use albef::task::Task;
+    use albef::tasks::classify::{run as classify, ClassifyOptions};
+    let f = Arc::new(Fixture::new("ve"));
+    let d = f.dir.display();
+    // batch_size_test 3: shards of uneven batches, and padding when the split is odd.
+    let yaml = format!(
+        "train_file: '{d}/data/ve_train.json'\nval_file: '{d}/data/ve_val.json'\ntest_file: '{d}/data/ve_test.json'\n\
+         image_root: '{d}/data/ve_images'\nbert_config: '{d}/bert.json'\nimage_res: 32\nalpha: 0.4\ndistill: True\n\
+         batch_size_train: 16\nbatch_size_test: 3\nwarm_up: False\ninit_std: 0.1\n\
+         vision: {{patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, mlp_ratio: 2}}\n\
+         optimizer: {{opt: adamW, lr: 1e-3, weight_decay: 0.02}}\n\
+         schedular: {{sched: cosine, lr: 1e-3, epochs: 1, min_lr: 1e-4, decay_rate: 1, warmup_lr: 1e-3, warmup_epochs: 1, cooldown_epochs: 0}}\n"
+    );
+    std::fs::write(f.dir.join("ve.yaml"), yaml).unwrap();
+    let options = move |f: &Fixture, out: &str, dist: Option<Comm>| {
+        let run = RunOptions {
+            seed: SEED,
+            workers: Some(1),
+            evaluate: true,
+            dist,
+            ..RunOptions::new(f.dir.join("ve.yaml"), f.dir.join(out), f.vocab())
+        };
+        ClassifyOptions { task: Task::Ve, run, teacher_from_checkpoint: false }
+    };
+    let want = classify(&options(&f, "single", None)).unwrap();
+    let fa = f.clone();
+    let got = per_rank(group(), move |_, comm| classify(&options(&fa, "dist", Some(comm))).unwrap());
+    assert_eq!(got[0], want);
+    assert_eq!(got[1], want);
+    for split in ["val", "test"] {
+        let read =
+            |out: &str| std::fs::read_to_string(f.dir.join(out).join(format!("predictions_{split}.json"))).unwrap();
+        let (a, b) = (read("single"), read("dist"));
+        assert_eq!(a, b, "{split} predictions");
+        let n = serde_json::from_str::<serde_json::Value>(&a).unwrap().as_array().unwrap().len();
+        assert!(n > 0, "{split}: no predictions");
+    }
 }
 
 fn free_port() -> u16 {
@@ -504,10 +547,8 @@ fn f_a_two_rank_run_resumes_in_one_rank() {
     let end = read_checkpoint(&out.join("checkpoint_last.safetensors"), &Device::Cpu).unwrap().tensors;
     assert_eq!(end["queue_ptr"].to_vec1::<i64>().unwrap(), [((ptr0 + steps1 * BATCH) % 32) as i64]);
     let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
-    let epochs: Vec<u64> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("epoch")?.as_u64())
-        .collect();
+    let epochs: Vec<u64> =
+        log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("epoch")?.as_u64()).collect();
     assert_eq!(epochs, [0, 1], "one log line per epoch, the 2-rank one kept: {log}");
     // The checkpoint holds the model and both optimizer moments of every trainable parameter.
     let model = ContrastiveModel::new(
@@ -542,7 +583,8 @@ fn launch_runs_the_tiny_retrieval_on_two_ranks() {
     assert!(stdout.contains("[rank 0] ") && stdout.contains("[rank 1] "), "{stdout}");
     let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
     assert_eq!(log.lines().count(), 3, "2 epochs + the test record, once each: {log}");
-    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert!(metrics["test"]["r_mean"].as_f64().is_some());
     assert_eq!(train_state(&out)["optimizer_step"], 2 * parts(&f).train.len() / 2 / BATCH);
 

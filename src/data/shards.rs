@@ -433,7 +433,8 @@ impl<T: Send + 'static> BatchSource for ShardStream<T> {
         // Every rank steps together (each step averages gradients): an epoch is as long as the
         // smallest rank's shards allow.
         let o = &self.options;
-        let total = |rank: usize| -> usize { self.set.of_rank(rank, o.world_size).iter().map(|&i| self.set.counts[i]).sum() };
+        let total =
+            |rank: usize| -> usize { self.set.of_rank(rank, o.world_size).iter().map(|&i| self.set.counts[i]).sum() };
         (0..o.world_size.max(1)).map(total).min().unwrap_or(0) / self.batch_size
     }
 

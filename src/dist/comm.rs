@@ -163,3 +163,31 @@ pub fn sum_values(comm: &dyn Communicator, values: &[f64]) -> Result<Vec<f64>> {
     }
     Ok(sums)
 }
+
+/// Results of an evaluation sharded over ranks, merged: every rank's `(example index, result)`
+/// pairs, gathered, as one list in example order (an index two ranks hold, the padding of a
+/// `DistributedSampler`, is kept once). The reference merges per-rank result files on rank 0;
+/// here every rank gets the merged list, so every rank computes the same metrics.
+pub fn merge_by_index<T: serde::Serialize + serde::de::DeserializeOwned>(
+    comm: &dyn Communicator,
+    local: Vec<(usize, T)>,
+    len: usize,
+) -> Result<Vec<T>> {
+    let parts = comm.all_gather_bytes(&serde_json::to_vec(&local)?)?;
+    let mut merged: Vec<Option<T>> = (0..len).map(|_| None).collect();
+    for (rank, bytes) in parts.iter().enumerate() {
+        let items: Vec<(usize, T)> = serde_json::from_slice(bytes)
+            .map_err(|e| anyhow::anyhow!("rank {rank} sent results this rank cannot read: {e}"))?;
+        for (i, v) in items {
+            if i >= len {
+                bail!("rank {rank} sent a result for example {i} of {len}");
+            }
+            merged[i].get_or_insert(v);
+        }
+    }
+    merged
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| v.ok_or_else(|| anyhow::anyhow!("no rank evaluated example {i}")))
+        .collect()
+}

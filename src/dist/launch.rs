@@ -36,7 +36,8 @@ fn forward(from: impl Read + Send + 'static, prefix: String, to_stderr: bool) ->
                         out.push(b'\n');
                     }
                     // One write per line, so that lines of different ranks do not interleave.
-                    let _ = if to_stderr { std::io::stderr().write_all(&out) } else { std::io::stdout().write_all(&out) };
+                    let _ =
+                        if to_stderr { std::io::stderr().write_all(&out) } else { std::io::stdout().write_all(&out) };
                 }
             }
         }

@@ -76,17 +76,20 @@ impl World {
     pub fn from_vars(get: impl Fn(&str) -> Option<String>, distributed: bool) -> Result<Option<World>> {
         let num = |name: &str| -> Result<Option<usize>> {
             get(name)
-                .map(|v| v.trim().parse::<usize>().with_context(|| format!("{name}={v:?} is not a non-negative integer")))
+                .map(|v| {
+                    v.trim().parse::<usize>().with_context(|| format!("{name}={v:?} is not a non-negative integer"))
+                })
                 .transpose()
         };
-        let (rank, world_size, local_rank, source) = if let (Some(rank), Some(world)) = (num("RANK")?, num("WORLD_SIZE")?) {
-            (rank, world, num("LOCAL_RANK")?, "RANK/WORLD_SIZE")
-        } else if let Some(rank) = num("SLURM_PROCID")? {
-            let world = num("SLURM_NTASKS")?.context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
-            (rank, world, num("SLURM_LOCALID")?, "SLURM_PROCID/SLURM_NTASKS")
-        } else {
-            return Ok(None);
-        };
+        let (rank, world_size, local_rank, source) =
+            if let (Some(rank), Some(world)) = (num("RANK")?, num("WORLD_SIZE")?) {
+                (rank, world, num("LOCAL_RANK")?, "RANK/WORLD_SIZE")
+            } else if let Some(rank) = num("SLURM_PROCID")? {
+                let world = num("SLURM_NTASKS")?.context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
+                (rank, world, num("SLURM_LOCALID")?, "SLURM_PROCID/SLURM_NTASKS")
+            } else {
+                return Ok(None);
+            };
         if !distributed {
             eprintln!("--distributed False: {source} ignored, one process on one device");
             return Ok(None);
@@ -109,14 +112,7 @@ impl World {
             None => DEFAULT_MASTER_PORT,
             Some(p) => p.trim().parse::<u16>().with_context(|| format!("MASTER_PORT={p:?} is not a port number"))?,
         };
-        Ok(Some(World {
-            rank,
-            world_size,
-            local_rank: local_rank.unwrap_or(rank),
-            master_addr,
-            master_port,
-            source,
-        }))
+        Ok(Some(World { rank, world_size, local_rank: local_rank.unwrap_or(rank), master_addr, master_port, source }))
     }
 
     pub fn is_primary(&self) -> bool {
@@ -180,7 +176,13 @@ mod tests {
     fn discovery_from_torchrun_and_slurm() {
         assert_eq!(world(&[], true).unwrap(), None);
         let w = world(
-            &[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node0"), ("MASTER_PORT", "1234")],
+            &[
+                ("RANK", "3"),
+                ("WORLD_SIZE", "8"),
+                ("LOCAL_RANK", "1"),
+                ("MASTER_ADDR", "node0"),
+                ("MASTER_PORT", "1234"),
+            ],
             true,
         )
         .unwrap()
@@ -188,9 +190,10 @@ mod tests {
         assert_eq!((w.rank, w.world_size, w.local_rank, w.master().as_str()), (3, 8, 1, "node0:1234"));
         assert_eq!(device_name("cuda", Some(&w)), "cuda:1");
         assert_eq!(device_name("cuda:5", Some(&w)), "cuda:5");
-        let s = world(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "5"), ("MASTER_ADDR", "n")], true)
-            .unwrap()
-            .unwrap();
+        let s =
+            world(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "5"), ("MASTER_ADDR", "n")], true)
+                .unwrap()
+                .unwrap();
         assert_eq!((s.rank, s.world_size, s.local_rank, s.master_port), (5, 16, 5, DEFAULT_MASTER_PORT));
         // --distributed False: one process whatever the environment says.
         assert_eq!(world(&[("RANK", "0"), ("WORLD_SIZE", "2")], false).unwrap(), None);

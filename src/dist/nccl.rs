@@ -48,13 +48,14 @@ impl NcclCommunicator {
         for (d, b) in internal.iter_mut().zip(&bytes) {
             *d = *b as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(dev.cuda_stream(), world.rank, world.world_size, Id::uninit(internal)).map_err(|e| {
-            anyhow!(
-                "rank {} of {}: NCCL initialisation failed on {device:?}: {e:?} (NCCL_DEBUG=INFO tells more)",
-                world.rank,
-                world.world_size
-            )
-        })?;
+        let comm =
+            Comm::from_rank(dev.cuda_stream(), world.rank, world.world_size, Id::uninit(internal)).map_err(|e| {
+                anyhow!(
+                    "rank {} of {}: NCCL initialisation failed on {device:?}: {e:?} (NCCL_DEBUG=INFO tells more)",
+                    world.rank,
+                    world.world_size
+                )
+            })?;
         Ok(std::sync::Arc::new(Self { nccl: Mutex::new(Handle(comm)), side }))
     }
 

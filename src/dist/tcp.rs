@@ -84,7 +84,9 @@ impl TcpCommunicator {
         if world.rank == 0 {
             let addr = listen_addr(world);
             let listener = TcpListener::bind(&addr).with_context(|| {
-                format!("rank 0 cannot listen at {addr} (MASTER_PORT in use by another run? choose another --master_port)")
+                format!(
+                    "rank 0 cannot listen at {addr} (MASTER_PORT in use by another run? choose another --master_port)"
+                )
             })?;
             Self::accept(listener, world.world_size, &world.master(), timeouts)
         } else {
@@ -140,13 +142,7 @@ impl TcpCommunicator {
             }
         }
         let links = Links::Hub(slots.into_iter().map(|s| s.expect("every slot filled")).collect());
-        Ok(Self {
-            rank: 0,
-            world_size,
-            master: master.to_string(),
-            op_timeout: timeouts.op,
-            links: Mutex::new(links),
-        })
+        Ok(Self { rank: 0, world_size, master: master.to_string(), op_timeout: timeouts.op, links: Mutex::new(links) })
     }
 
     /// Rank `rank` > 0: connects to rank 0 at `master`, retrying for at most `timeouts.rendezvous`.
@@ -230,10 +226,7 @@ impl TcpCommunicator {
         let mut head = [0u8; 9];
         head[0] = op as u8;
         head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-        stream
-            .write_all(&head)
-            .and_then(|_| stream.write_all(payload))
-            .map_err(|e| self.io_error(e, peer, op as u8))
+        stream.write_all(&head).and_then(|_| stream.write_all(payload)).map_err(|e| self.io_error(e, peer, op as u8))
     }
 
     fn recv(&self, mut stream: &TcpStream, peer: usize, op: Op) -> Result<Vec<u8>> {
