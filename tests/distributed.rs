@@ -258,7 +258,7 @@ fn reference_step(f: &Fixture, epochs: usize, both: bool) -> Trained {
             q0.idx.as_ref().unwrap().set(&idx).unwrap();
             q0.ptr.set(&Tensor::new(&[((ptr + 2 * BATCH) % 32) as i64], &Device::Cpu).unwrap()).unwrap();
             // The mean gradient of each parameter (rank 1's matched by name).
-            let (g0, g1) = (&mut grads[0..2]).split_at_mut(1);
+            let (g0, g1) = grads[0..2].split_at_mut(1);
             let online1: BTreeMap<String, candle_core::Var> =
                 ranks[1].model.store.trainable().into_iter().map(|p| (p.name, p.var)).collect();
             for p in ranks[0].model.store.trainable() {

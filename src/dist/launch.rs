@@ -120,7 +120,7 @@ pub fn launch(opts: &LaunchOptions, exe: &Path) -> Result<()> {
 }
 
 /// Waits until every child succeeded, or one failed (then the others are killed).
-fn wait_all(children: &mut Vec<(usize, Child)>) -> Result<()> {
+fn wait_all(children: &mut [(usize, Child)]) -> Result<()> {
     let mut running: Vec<bool> = vec![true; children.len()];
     loop {
         for i in 0..children.len() {
