@@ -143,8 +143,7 @@ pub fn from_bytes(bytes: &[u8], dtype: DType, shape: &[usize], device: &Device) 
     Ok(t.to_device(device)?)
 }
 
-/// Reads `f32` sums of the epoch's figures over ranks: `(name, value)` pairs in the same order on
-/// every rank.
+/// The sums over ranks of `values` (the same number of them, in the same order, on every rank).
 pub fn sum_values(comm: &dyn Communicator, values: &[f64]) -> Result<Vec<f64>> {
     if values.is_empty() {
         return Ok(Vec::new());
