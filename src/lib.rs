@@ -6,7 +6,8 @@
 //! `data` (datasets, loader, tokenizer, transforms, prepare/check/synth) →
 //! `config` (typed task YAML) → `model` (ViT, BERT, heads, task models) →
 //! `nn` (differentiable primitives, parameter store) | `checkpoint` (.pth / safetensors I/O, key
-//! remapping, position-embedding interpolation).
+//! remapping, position-embedding interpolation) | `dist` (world discovery, the communicator of
+//! data-parallel runs, `albef launch`).
 //! `task`, `progress` and `util` are small helpers every layer may use; the binary's `cli` sits on
 //! top.
 
@@ -14,6 +15,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod heatmap;
 pub mod model;

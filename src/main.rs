@@ -51,6 +51,9 @@ enum Command {
     Index(cli::search::IndexArgs),
     /// Search an index by text (optionally re-ranked by ITM) or by image.
     Search(cli::search::SearchArgs),
+    /// Data-parallel runs: one process per GPU (or CPU share) of this node, as torchrun:
+    /// `albef launch --nproc_per_node 8 -- pretrain --config …`.
+    Launch(cli::tasks::LaunchArgs),
 }
 
 fn main() {
@@ -71,6 +74,7 @@ fn main() {
         Command::Compare(a) => cli::compare::run(a),
         Command::Index(a) => cli::search::index_cmd(a),
         Command::Search(a) => cli::search::search_cmd(a),
+        Command::Launch(a) => cli::tasks::launch(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -53,6 +53,12 @@ if [ ! -f "$stamp" ]; then
   ln -sf stubs/libcuda.so "$home/lib/libcuda.so"
   touch "$stamp"
 fi
+if [ "${1:-}" = "--nccl" ]; then
+  # nvidia-nccl-cu13 unpacks beside cu13/ (nvidia/nccl/lib/libnccl.so.2): linked from cu13/lib so
+  # that the linker (cudarc's `dynamic-linking`) and LD_LIBRARY_PATH find it with the rest.
+  ln -sf ../../nccl/lib/libnccl.so.2 "$home/lib/libnccl.so.2"
+  ln -sf libnccl.so.2 "$home/lib/libnccl.so"
+fi
 cat <<EOF
 export CUDA_HOME="$home"
 export PATH="$home/bin:\$PATH"

@@ -52,7 +52,9 @@ pub struct CommonArgs {
     /// checkpoint are interpolated to it).
     #[arg(long = "image_res", alias = "image-res")]
     image_res: Option<usize>,
-    /// Accepted for compatibility with the reference; one process runs on one device.
+    /// True (default): join the other processes of a data-parallel run when RANK/WORLD_SIZE
+    /// (torchrun, `albef launch`) or SLURM_PROCID/SLURM_NTASKS are set; False: one process
+    /// whatever the environment says.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     distributed: Option<String>,
     /// Tolerate up to N training steps with a non-finite loss or gradient norm (skipped, counted in
@@ -73,6 +75,22 @@ impl CommonArgs {
     /// The run options, with the task's default config and output folder.
     fn into_run(self, default_config: &str, default_out: &str) -> Result<RunOptions> {
         albef::data::transform::set_max_image_pixels(self.max_image_pixels);
+        let world = albef::dist::World::from_env(albef::dist::parse_distributed_flag(self.distributed.as_deref())?)?;
+        let device = super::device(&albef::dist::device_name(&self.device, world.as_ref()))?;
+        let dist = match &world {
+            None => None,
+            Some(w) => {
+                let comm = albef::dist::init(w, &device)?;
+                eprintln!(
+                    "rank {} of {} ({}): joined at {}, device {device:?}",
+                    w.rank,
+                    w.world_size,
+                    w.source,
+                    w.master()
+                );
+                Some(comm)
+            }
+        };
         Ok(RunOptions {
             config: self.config.unwrap_or_else(|| PathBuf::from(default_config)),
             output_dir: self.output_dir.unwrap_or_else(|| PathBuf::from(default_out)),
@@ -81,7 +99,7 @@ impl CommonArgs {
             evaluate: self.evaluate,
             resume: self.resume,
             seed: self.seed,
-            device: super::device(&self.device)?,
+            device,
             workers: self.workers,
             stop_after_epoch: self.stop_after_epoch,
             skip_nonfinite: self.skip_nonfinite,
@@ -90,6 +108,7 @@ impl CommonArgs {
                 batch_size_test: self.batch_size_test,
                 image_res: self.image_res,
             },
+            dist,
         })
     }
 }
@@ -244,4 +263,39 @@ pub struct PretrainArgs {
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let run = a.common.into_run("./configs/Pretrain.yaml", "output/Pretrain")?;
     print(&pretrain::run(&PretrainOptions { run, init_deit: a.init_deit })?)
+}
+
+/// `albef launch`: torchrun's flags (underscores, as torchrun; dashes accepted too).
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// Processes on this node (one per GPU).
+    #[arg(long = "nproc_per_node", alias = "nproc-per-node", default_value_t = 1)]
+    nproc_per_node: usize,
+    /// Nodes in the run.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// This node's index, 0 … nnodes − 1 (node 0 holds rank 0).
+    #[arg(long = "node_rank", alias = "node-rank", default_value_t = 0)]
+    node_rank: usize,
+    /// Host of node 0, reachable from every node (default 127.0.0.1 on one node).
+    #[arg(long = "master_addr", alias = "master-addr")]
+    master_addr: Option<String>,
+    /// Port of the rendezvous on node 0.
+    #[arg(long = "master_port", alias = "master-port", default_value_t = albef::dist::DEFAULT_MASTER_PORT)]
+    master_port: u16,
+    /// The albef subcommand and its flags, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+pub fn launch(a: LaunchArgs) -> Result<()> {
+    let opts = albef::dist::launch::LaunchOptions {
+        nproc_per_node: a.nproc_per_node,
+        nnodes: a.nnodes,
+        node_rank: a.node_rank,
+        master_addr: a.master_addr,
+        master_port: a.master_port,
+        command: a.command,
+    };
+    albef::dist::launch::launch(&opts, &std::env::current_exe()?)
 }

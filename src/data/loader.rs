@@ -31,14 +31,27 @@ pub struct LoaderConfig {
     /// Batches prepared ahead of the consumer.
     pub prefetch: usize,
     pub seed: u64,
+    /// This process's rank and the number of processes: each reads its own shard of every
+    /// epoch (see [`epoch_batches`]). 0 and 1 on one process.
+    pub rank: usize,
+    pub world_size: usize,
 }
 
 impl LoaderConfig {
     pub fn train(batch_size: usize, seed: u64) -> Self {
-        Self { batch_size, shuffle: true, drop_last: true, workers: default_workers(), prefetch: 4, seed }
+        Self {
+            batch_size,
+            shuffle: true,
+            drop_last: true,
+            workers: default_workers(),
+            prefetch: 4,
+            seed,
+            rank: 0,
+            world_size: 1,
+        }
     }
     pub fn eval(batch_size: usize) -> Self {
-        Self { batch_size, shuffle: false, drop_last: false, workers: default_workers(), prefetch: 4, seed: 0 }
+        Self { shuffle: false, drop_last: false, seed: 0, ..Self::train(batch_size, 0) }
     }
 }
 
@@ -48,6 +61,13 @@ impl LoaderConfig {
         if let Some(w) = workers {
             self.workers = w;
         }
+        self
+    }
+
+    /// Reads the shard of `rank` among `world_size` processes.
+    pub fn shard(mut self, rank: usize, world_size: usize) -> Self {
+        self.rank = rank;
+        self.world_size = world_size.max(1);
         self
     }
 }
@@ -64,11 +84,27 @@ pub fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The sample indices of each batch of an epoch.
+/// The sample indices of each batch of an epoch (of this rank's shard).
+///
+/// Several processes shard an epoch as `DistributedSampler(shuffle=True)` with `set_epoch`: the
+/// same permutation of the epoch on every rank (it depends on the seed and the epoch only),
+/// padded with its first indices to a multiple of the world size, and rank r takes every
+/// world-size-th index from position r; the batches of that shard then drop their last
+/// incomplete one (the train loaders' `drop_last`). The permutation is this loader's own (not
+/// `torch.randperm`'s bits), so one process (world size 1) shuffles exactly as before.
 pub fn epoch_batches(len: usize, cfg: &LoaderConfig, epoch: u64) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..len).collect();
     if cfg.shuffle {
         order.shuffle(&mut StdRng::seed_from_u64(mix(cfg.seed, epoch)));
+    }
+    let world = cfg.world_size.max(1);
+    if world > 1 && len > 0 {
+        let total = len.div_ceil(world) * world;
+        while order.len() < total {
+            let pad = (total - order.len()).min(len);
+            order.extend_from_within(..pad);
+        }
+        order = order.into_iter().skip(cfg.rank).step_by(world).collect();
     }
     let mut batches: Vec<Vec<usize>> = order.chunks(cfg.batch_size.max(1)).map(|c| c.to_vec()).collect();
     if cfg.drop_last && batches.last().is_some_and(|b| b.len() < cfg.batch_size) {
@@ -251,7 +287,7 @@ mod tests {
 
     #[test]
     fn ordered_deterministic_and_complete() {
-        let cfg = LoaderConfig { batch_size: 4, shuffle: true, drop_last: true, workers: 3, prefetch: 2, seed: 7 };
+        let cfg = LoaderConfig { batch_size: 4, workers: 3, prefetch: 2, ..LoaderConfig::train(4, 7) };
         let loader = Loader::new(Arc::new(Numbers(23)), cfg.clone());
         let a: Vec<Vec<(usize, u32)>> = loader.epoch(0, 0).map(|b| b.unwrap()).collect();
         let b: Vec<Vec<(usize, u32)>> = loader.epoch(0, 0).map(|b| b.unwrap()).collect();
@@ -268,6 +304,24 @@ mod tests {
         let eval = Loader::new(Arc::new(Numbers(10)), LoaderConfig::eval(4));
         let sizes: Vec<usize> = eval.epoch(0, 0).map(|b| b.unwrap().len()).collect();
         assert_eq!(sizes, [4, 4, 2]);
+    }
+
+    #[test]
+    fn distributed_shards_follow_the_distributed_sampler() {
+        let base = LoaderConfig::train(2, 9);
+        // Divisible: the ranks split one permutation into disjoint halves covering the epoch.
+        let one: Vec<usize> = epoch_batches(12, &base.clone().shard(0, 1), 3).concat();
+        let r0: Vec<usize> = epoch_batches(12, &base.clone().shard(0, 2), 3).concat();
+        let r1: Vec<usize> = epoch_batches(12, &base.clone().shard(1, 2), 3).concat();
+        assert_eq!(r0, one.iter().copied().step_by(2).collect::<Vec<_>>());
+        assert_eq!(r1, one.iter().copied().skip(1).step_by(2).collect::<Vec<_>>());
+        // Not divisible: 11 samples, padded with the permutation's first to 12, 6 per rank,
+        // 3 batches of 2 each.
+        let one: Vec<usize> = epoch_batches(11, &LoaderConfig { drop_last: false, ..base.clone() }, 0).concat();
+        let r0 = epoch_batches(11, &base.clone().shard(0, 2), 0);
+        let r1 = epoch_batches(11, &base.clone().shard(1, 2), 0);
+        assert_eq!((r0.len(), r1.len()), (3, 3));
+        assert_eq!(r1.concat().last(), Some(&one[0]), "the padding repeats the first index");
     }
 
     #[test]

@@ -319,9 +319,11 @@ impl<T: Send + 'static> ShardCorpus<T> {
     /// The batches under the run's loader settings (batch size, workers, prefetch, seed; drop_last
     /// as every training loader).
     pub fn stream(&self, cfg: &LoaderConfig) -> ShardStream<T> {
+        // The run's rank and world size (set by `--distributed` runs) choose the shards.
+        let options = StreamOptions { rank: cfg.rank, world_size: cfg.world_size.max(1), ..self.options.clone() };
         ShardStream {
             set: self.set.clone(),
-            options: self.options.clone(),
+            options,
             decode: self.decode.clone(),
             counters: self.counters.clone(),
             batch_size: cfg.batch_size.max(1),
@@ -436,7 +438,12 @@ impl<T: Send + 'static> BatchSource for ShardStream<T> {
     type Item = T;
 
     fn num_batches(&self, _epoch: u64) -> usize {
-        self.rank_total() / self.batch_size
+        // Every rank steps together (each step averages gradients): an epoch is as long as the
+        // smallest rank's shards allow.
+        let o = &self.options;
+        let total =
+            |rank: usize| -> usize { self.set.of_rank(rank, o.world_size).iter().map(|&i| self.set.counts[i]).sum() };
+        (0..o.world_size.max(1)).map(total).min().unwrap_or(0) / self.batch_size
     }
 
     fn num_examples(&self) -> usize {

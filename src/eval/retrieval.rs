@@ -1,9 +1,11 @@
 //! Retrieval scoring (`Retrieval.py::evaluation`, §4): cosine similarities pick the top-k
 //! candidates, the ITM class-1 logit re-ranks them, −100 elsewhere.
 
+use crate::dist::Communicator;
 use crate::model::ContrastiveModel;
 use crate::util::{topk_indices, Metrics};
 use candle_core::{IndexOp, Result, Tensor};
+use std::ops::Range;
 
 /// A dense row-major score matrix.
 pub type Scores = Vec<Vec<f32>>;
@@ -44,24 +46,69 @@ fn itm_scores(model: &ContrastiveModel, enc: &EncodedSplit, i: usize, texts: &[u
 /// by cosine similarity, for each text its top-`k_test` images, scored by the ITM logit; −100
 /// elsewhere. Text-to-image pairs are grouped by image, which changes no score.
 pub fn score_matrices(model: &ContrastiveModel, enc: &EncodedSplit, k_test: usize) -> Result<(Scores, Scores)> {
+    let (ni, nt) = (enc.image_feat.dim(0)?, enc.text_states.dim(0)?);
+    score_rows(model, enc, k_test, 0..ni, 0..nt, -100.0)
+}
+
+/// [`score_matrices`] over the ranks of `comm`: each rank scores its rows (Retrieval.py's split,
+/// `step = N // world + 1`) and the matrices are summed over ranks. The rows a rank does not
+/// score hold 0 there, so the sum is exactly the one-process matrix (the reference fills −100
+/// everywhere, which shifts every score by −100·(world − 1) and no ranking).
+pub fn score_matrices_sharded(
+    model: &ContrastiveModel,
+    enc: &EncodedSplit,
+    k_test: usize,
+    comm: &dyn Communicator,
+) -> anyhow::Result<(Scores, Scores)> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let rows = |n: usize| {
+        let step = n / world + 1;
+        (rank * step).min(n)..((rank + 1) * step).min(n)
+    };
+    let (ni, nt) = (enc.image_feat.dim(0)?, enc.text_states.dim(0)?);
+    let (i2t, t2i) = score_rows(model, enc, k_test, rows(ni), rows(nt), 0.0)?;
+    let sum = |m: Scores, cols: usize| -> anyhow::Result<Scores> {
+        let n = m.len();
+        let flat = Tensor::from_vec(m.concat(), n * cols, &candle_core::Device::Cpu)?;
+        let summed = comm.all_reduce_sum(&flat)?.to_vec1::<f32>()?;
+        Ok(summed.chunks(cols.max(1)).take(n).map(<[f32]>::to_vec).collect())
+    };
+    Ok((sum(i2t, nt)?, sum(t2i, ni)?))
+}
+
+/// Scores of image rows `images` of `score_i2t` and text rows `texts` of `score_t2i` (−100 where
+/// not a candidate), every other row filled with `other`.
+fn score_rows(
+    model: &ContrastiveModel,
+    enc: &EncodedSplit,
+    k_test: usize,
+    images: Range<usize>,
+    texts: Range<usize>,
+    other: f32,
+) -> Result<(Scores, Scores)> {
     let sims = enc.image_feat.matmul(&enc.text_feat.t()?)?.to_vec2::<f32>()?;
     let (ni, nt) = (sims.len(), enc.text_states.dim(0)?);
-    let mut i2t = vec![vec![-100f32; nt]; ni];
+    let row = |owned: bool, len: usize| vec![if owned { -100f32 } else { other }; len];
+    let mut i2t: Scores = (0..ni).map(|i| row(images.contains(&i), nt)).collect();
+    let mut t2i: Scores = (0..nt).map(|t| row(texts.contains(&t), ni)).collect();
     let mut by_image: Vec<Vec<usize>> = vec![Vec::new(); ni];
-    for t in 0..nt {
+    for t in texts {
         let col: Vec<f32> = sims.iter().map(|r| r[t]).collect();
         for i in topk_indices(&col, k_test.min(ni)) {
             by_image[i].push(t);
         }
     }
-    let mut t2i = vec![vec![-100f32; ni]; nt];
     for (i, row) in sims.iter().enumerate() {
-        let top = topk_indices(row, k_test.min(nt));
-        for (&t, s) in top.iter().zip(itm_scores(model, enc, i, &top)?) {
-            i2t[i][t] = s;
+        if images.contains(&i) {
+            let top = topk_indices(row, k_test.min(nt));
+            for (&t, s) in top.iter().zip(itm_scores(model, enc, i, &top)?) {
+                i2t[i][t] = s;
+            }
         }
-        for (&t, s) in by_image[i].iter().zip(itm_scores(model, enc, i, &by_image[i])?) {
-            t2i[t][i] = s;
+        if !by_image[i].is_empty() {
+            for (&t, s) in by_image[i].iter().zip(itm_scores(model, enc, i, &by_image[i])?) {
+                t2i[t][i] = s;
+            }
         }
     }
     Ok((i2t, t2i))

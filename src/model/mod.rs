@@ -27,6 +27,11 @@ pub trait TaskModel {
     fn config(&self) -> &ModelConfig;
     fn ema(&self) -> Option<&Ema>;
 
+    /// The ITC queues, where the model has them (gathered over ranks in a data-parallel run).
+    fn queues(&self) -> Option<&momentum::Queues> {
+        None
+    }
+
     /// Teacher ← student (`copy_params`), where the model has a teacher.
     fn copy_teacher(&self) -> candle_core::Result<()> {
         self.ema().map_or(Ok(()), Ema::copy)
@@ -42,6 +47,9 @@ impl TaskModel for ContrastiveModel {
     }
     fn ema(&self) -> Option<&Ema> {
         self.ema()
+    }
+    fn queues(&self) -> Option<&momentum::Queues> {
+        Some(&self.queues)
     }
 }
 

@@ -1,7 +1,9 @@
 //! Momentum ("teacher") copies and the ITC feature queues.
 
+use crate::dist::Comm;
 use crate::nn::{Init, ParamBuilder, ParamStore};
 use candle_core::{DType, Result, Tensor, Var};
+use std::sync::{Arc, OnceLock};
 
 /// A momentum copy of a model branch with the EMA that keeps it, built the same way for every
 /// model: `build(frozen root, "_m")` makes the `*_m` parameters, which are then paired with their
@@ -90,6 +92,8 @@ pub struct Queues {
     pub text: Var,
     pub ptr: Var,
     pub idx: Option<Var>,
+    /// Set in a data-parallel run: what is enqueued is first gathered from every rank.
+    gather: Arc<OnceLock<Comm>>,
 }
 
 impl Queues {
@@ -99,7 +103,13 @@ impl Queues {
         let idx =
             if with_idx { Some(pb.buffer((1, size), "idx_queue", DType::I64, Init::Const(-100.0))?) } else { None };
         let ptr = pb.buffer(1, "queue_ptr", DType::I64, Init::Zeros)?;
-        Ok(Self { image, text, ptr, idx })
+        Ok(Self { image, text, ptr, idx, gather: Arc::default() })
+    }
+
+    /// From now on, [`Queues::enqueue`] writes the features of every rank of `comm`
+    /// (`concat_all_gather` in `_dequeue_and_enqueue`), so that every rank holds the same queues.
+    pub fn gather_with(&self, comm: Comm) {
+        let _ = self.gather.set(comm);
     }
 
     pub fn size(&self) -> Result<usize> {
@@ -107,16 +117,32 @@ impl Queues {
     }
 
     /// Writes the (B, E) momentum features (and (B,) idx) at `ptr` and advances it, as
-    /// `_dequeue_and_enqueue` on one process.
+    /// `_dequeue_and_enqueue`; in a data-parallel run the features of all ranks, in rank order
+    /// (no gradient flows through the gather, as `concat_all_gather`).
     pub fn enqueue(&self, image_feat: &Tensor, text_feat: &Tensor, idx: Option<&Tensor>) -> Result<()> {
+        if let Some(comm) = self.gather.get() {
+            let all = |t: &Tensor| comm.all_gather(&t.detach()).map_err(|e| candle_core::Error::Msg(format!("{e:#}")));
+            let idx = idx.map(all).transpose()?;
+            return self.write(&all(image_feat)?, &all(text_feat)?, idx.as_ref());
+        }
+        self.write(image_feat, text_feat, idx)
+    }
+
+    fn write(&self, image_feat: &Tensor, text_feat: &Tensor, idx: Option<&Tensor>) -> Result<()> {
         let b = image_feat.dim(0)?;
         let size = self.size()?;
         if size % b != 0 {
             candle_core::bail!(
-                "queue_size {size} must be a multiple of the batch size {b} (the reference asserts this)"
+                "queue_size {size} must be a multiple of the batch size {b} (over all ranks; the reference asserts this)"
             )
         }
         let ptr = self.ptr.as_tensor().to_vec1::<i64>()?[0] as usize;
+        if ptr + b > size {
+            candle_core::bail!(
+                "queue_ptr {ptr} + batch {b} runs past queue_size {size}: the run was resumed with a world size whose \
+                 batch over all ranks does not divide the position the queue was left at"
+            )
+        }
         let write = |q: &Var, cols: &Tensor| -> Result<()> {
             let t = q.as_tensor().detach();
             let mut parts = Vec::new();

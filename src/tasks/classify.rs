@@ -5,9 +5,11 @@ use super::harness::{self, Ctx, Outcome, Report, Setup, TaskSpec};
 use super::{default_teacher_init, RunOptions, TeacherInit};
 use crate::config::{ClassifyData, NlvrKeys, TaskKeys, VeKeys};
 use crate::data::classify::{ClassifyDataset, ClassifySample, Format};
-use crate::data::loader::{Dataset, Loader, LoaderConfig};
+use crate::data::loader::{epoch_batches, Dataset, Loader, LoaderConfig};
 use crate::data::retrieval::ImageRef;
 use crate::data::{image_batch, Padding, Tokenizer};
+use crate::dist::comm::merge_by_index;
+use crate::dist::Communicator;
 use crate::model::{ClassifierKind, ClassifierModel, ModelConfig};
 use crate::progress::Progress;
 use crate::task::Task;
@@ -44,7 +46,10 @@ fn batch_text(tokenizer: &Tokenizer, batch: &[ClassifySample], dev: &Device) -> 
     Ok(tokenizer.encode_batch(&sentences, Padding::Longest { truncate_to: None }).to_tensors(dev)?)
 }
 
-/// Accuracy on a split and the predicted class of every example.
+/// Accuracy on a split and the predicted class of every example; with `dist`, each rank
+/// predicts its shard of the split (a padded `DistributedSampler(shuffle=False)`, as the
+/// reference) and every rank gets all the predictions.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &ClassifierModel,
     split: Arc<ClassifyDataset>,
@@ -52,24 +57,31 @@ pub fn evaluate(
     batch_size: usize,
     workers: Option<usize>,
     name: &str,
+    dist: Option<&dyn Communicator>,
 ) -> Result<(Metrics, Vec<i64>)> {
     let dev = model.store.device().clone();
     let res = model.cfg.vision.image_res;
-    let cfg = LoaderConfig::eval(batch_size).workers(workers);
+    let (rank, world) = dist.map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let cfg = LoaderConfig::eval(batch_size).workers(workers).shard(rank, world);
+    let order = epoch_batches(split.len(), &cfg, 0).concat();
     let loader = Loader::new(split.clone(), cfg);
     let progress = Progress::new(&format!("Evaluation ({name})"), loader.num_batches(0));
-    let (mut preds, mut correct) = (Vec::with_capacity(split.len()), 0usize);
+    let mut local: Vec<(usize, i64)> = Vec::with_capacity(order.len());
     for (i, batch) in loader.epoch(0, 0).enumerate() {
         let batch = batch?;
         let (ids, mask) = batch_text(tokenizer, &batch, &dev)?;
         let logits = model.logits(&batch_images(&batch, res, &dev)?, &ids, &mask)?;
-        for (p, s) in logits.argmax(1)?.to_vec1::<u32>()?.into_iter().zip(&batch) {
-            correct += (p as i64 == s.label) as usize;
-            preds.push(p as i64);
+        for p in logits.argmax(1)?.to_vec1::<u32>()? {
+            local.push((order[local.len()], p as i64));
         }
         progress.step(i, String::new);
     }
     progress.finish();
+    let preds: Vec<i64> = match dist {
+        Some(comm) => merge_by_index(comm, local, split.len())?,
+        None => local.into_iter().map(|(_, p)| p).collect(),
+    };
+    let correct = preds.iter().zip(&split.examples).filter(|(&p, e)| p == e.label).count();
     let mut m = Metrics::new();
     m.insert("acc".into(), 100.0 * correct as f64 / split.len().max(1) as f64);
     Ok((m, preds))
@@ -141,7 +153,8 @@ pub struct Classify<V> {
 
 impl<V: Variant> Classify<V> {
     fn evaluate(&self, ctx: &Ctx<ClassifierModel>, split: &Arc<ClassifyDataset>, name: &str) -> Result<Metrics> {
-        let (m, preds) = evaluate(ctx.model, split.clone(), ctx.tokenizer, self.batch_test, ctx.workers, name)?;
+        let (m, preds) =
+            evaluate(ctx.model, split.clone(), ctx.tokenizer, self.batch_test, ctx.workers, name, ctx.dist())?;
         print_metrics(name, &m);
         write_predictions(ctx.run, name, split, &preds, V::FORMAT)?;
         Ok(m)
@@ -205,7 +218,9 @@ impl<V: Variant> TaskSpec for Classify<V> {
     }
 
     fn validate(&self, ctx: &Ctx<ClassifierModel>) -> Result<Option<Metrics>> {
-        Ok(Some(evaluate(ctx.model, self.val.clone(), ctx.tokenizer, self.batch_test, ctx.workers, "val")?.0))
+        Ok(Some(
+            evaluate(ctx.model, self.val.clone(), ctx.tokenizer, self.batch_test, ctx.workers, "val", ctx.dist())?.0,
+        ))
     }
 
     fn finish(&self, ctx: &Ctx<ClassifierModel>, outcome: Outcome) -> Result<Report> {

@@ -6,9 +6,10 @@ use super::harness::{self, Ctx, Outcome, Report, Setup, TaskSpec};
 use super::RunOptions;
 use crate::config::GroundingKeys;
 use crate::data::grounding::{check_coverage, find_refer, Dets, GroundingEval, GroundingTrain, Refer};
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::loader::{epoch_batches, Dataset, Loader, LoaderConfig};
 use crate::data::retrieval::{ImageRef, TrainSample};
 use crate::data::{image_batch, Padding};
+use crate::dist::comm::merge_by_index;
 use crate::eval::grounding::{
     attention_and_gradient, choose_box, compute_iou, gradcam_maps, upsample, Chooser, GradcamMode,
 };
@@ -114,35 +115,43 @@ impl Grounding {
         let v = &model.cfg.vision;
         // The grid comes from the model (the reference hard-codes 24 = 384 / 16).
         let grid = (v.image_res / v.patch_size, v.image_res / v.patch_size);
-        let loader = Loader::new(self.test.clone(), LoaderConfig::eval(self.batch).workers(ctx.workers));
+        // Several ranks: each maps its shard of the expressions (a padded DistributedSampler, as
+        // the reference) and the maps are merged in expression order.
+        let (rank, world) = ctx.dist().map_or((0, 1), |c| (c.rank(), c.world_size()));
+        let cfg = LoaderConfig::eval(self.batch).workers(ctx.workers).shard(rank, world);
+        let order = epoch_batches(self.test.len(), &cfg, 0).concat();
+        let loader = Loader::new(self.test.clone(), cfg);
         let progress = Progress::new("Evaluation:", loader.num_batches(0));
-        let mut maps = Vec::with_capacity(self.test.expressions.len() * grid.0 * grid.1);
-        let mut offset = 0;
+        let cells = grid.0 * grid.1;
+        // (expression index, its map's f32 bits: exact through the merge).
+        let mut local: Vec<(usize, Vec<u32>)> = Vec::with_capacity(order.len());
         for (i, batch) in loader.epoch(0, 0).enumerate() {
             let batch = batch?;
             let n = batch.len();
             let images = image_batch(batch.iter().map(Vec::as_slice), v.image_res, &dev)?;
-            let texts: Vec<&str> = self.test.expressions[offset..offset + n].iter().map(|e| e.text.as_str()).collect();
+            let texts: Vec<&str> =
+                order[local.len()..local.len() + n].iter().map(|&e| self.test.expressions[e].text.as_str()).collect();
             // `tokenizer(text, padding='longest')`: no truncation in evaluation.
             let (ids, mask) =
                 ctx.tokenizer.encode_batch(&texts, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
             let attn =
                 attention_and_gradient(model, &images, &ids, &mask, self.settings.mode, self.settings.block_num)?;
             let m = gradcam_maps(&attn, &mask, self.settings.mode)?;
-            if m.dim(1)? != grid.0 * grid.1 {
-                bail!(
-                    "the attention has {} image cells, the {}x{} grid wants {}",
-                    m.dim(1)?,
-                    grid.0,
-                    grid.1,
-                    grid.0 * grid.1
-                );
+            if m.dim(1)? != cells {
+                bail!("the attention has {} image cells, the {}x{} grid wants {}", m.dim(1)?, grid.0, grid.1, cells);
             }
-            maps.extend(m.flatten_all()?.to_vec1::<f32>()?);
-            offset += n;
+            let flat = m.flatten_all()?.to_vec1::<f32>()?;
+            for map in flat.chunks(cells) {
+                local.push((order[local.len()], map.iter().map(|x| x.to_bits()).collect()));
+            }
             progress.step(i, String::new);
         }
         progress.finish();
+        let merged = match ctx.dist() {
+            Some(comm) => merge_by_index(comm, local, self.test.len())?,
+            None => local.into_iter().map(|(_, m)| m).collect(),
+        };
+        let maps: Vec<f32> = merged.into_iter().flatten().map(f32::from_bits).collect();
         Ok(self.score(maps, grid))
     }
 
@@ -199,7 +208,9 @@ impl Grounding {
             ]
             .into_iter()
             .collect();
-            crate::checkpoint::save_safetensors(&sd, &meta, &ctx.run.file("gradcam.safetensors"))?;
+            if ctx.run.is_primary() {
+                crate::checkpoint::save_safetensors(&sd, &meta, &ctx.run.file("gradcam.safetensors"))?;
+            }
         }
         Ok(())
     }

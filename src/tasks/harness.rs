@@ -8,6 +8,7 @@ use crate::config::{Config, TaskKeys, Training};
 use crate::data::loader::{LoaderConfig, TrainSet};
 use crate::data::retrieval::{check_images_exist, ImageRef};
 use crate::data::Tokenizer;
+use crate::dist::{Comm, Communicator};
 use crate::model::{ModelConfig, TaskModel};
 use crate::task::Task;
 use crate::train::fit::{fit, load_best, FitConfig, FitEnd};
@@ -38,6 +39,14 @@ pub struct Ctx<'a, M> {
     /// Loader worker threads (`--workers`).
     pub workers: Option<usize>,
     pub run: &'a RunDir,
+    /// The communicator of a data-parallel run.
+    pub comm: Option<&'a Comm>,
+}
+
+impl<M> Ctx<'_, M> {
+    pub fn dist(&self) -> Option<&dyn Communicator> {
+        self.comm.map(|c| c.as_ref())
+    }
 }
 
 /// How the run got to its final evaluation.
@@ -161,9 +170,26 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
         None if !opts.resume || !opts.output_dir.join(crate::train::run::LAST).is_file() => task.initialise(&model)?,
         None => {}
     }
-    let run = RunDir::create(&opts.output_dir)?;
+    // Data parallel (DDP in the reference): every rank starts from rank 0's parameters and
+    // buffers, the queues take every rank's features, and only rank 0 writes the run's files.
+    let (rank, world_size) = opts.dist.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
+    if let Some(comm) = &opts.dist {
+        crate::train::distributed::sync_model(comm.as_ref(), model.store())?;
+        if let Some(queues) = model.queues() {
+            queues.gather_with(comm.clone());
+        }
+        mem::stage("broadcast model from rank 0");
+    }
+    let run = if rank == 0 { RunDir::create(&opts.output_dir)? } else { RunDir::secondary(&opts.output_dir) };
     run.write_text("config.yaml", &cfg.to_yaml()?)?;
-    let ctx = Ctx { model: &model, tokenizer: &tokenizer, device: &opts.device, workers: opts.workers, run: &run };
+    let ctx = Ctx {
+        model: &model,
+        tokenizer: &tokenizer,
+        device: &opts.device,
+        workers: opts.workers,
+        run: &run,
+        comm: opts.dist.as_ref(),
+    };
 
     let outcome = match &training {
         None => Outcome::Evaluate,
@@ -172,9 +198,17 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
                 Some(t) => t,
                 None => bail!("the {} task read no training set", T::TASK),
             };
-            let loop_cfg = LoopConfig { skip_nonfinite: opts.skip_nonfinite, ..LoopConfig::new(training, opts.seed) };
+            // `seed = args.seed + utils.get_rank()`: each rank its own negatives, masks and dropout;
+            // the epoch permutation (the loader's seed) is the same on every rank, as
+            // DistributedSampler's, and each rank reads its shard of it.
+            let loop_cfg = LoopConfig {
+                skip_nonfinite: opts.skip_nonfinite,
+                dist: opts.dist.clone(),
+                ..LoopConfig::new(training, opts.seed + rank as u64)
+            };
             let mut optimizer = AdamW::new(model.store(), training.optimizer.weight_decay)?;
-            let loader_cfg = LoaderConfig::train(training.batch_size, opts.seed).workers(opts.workers);
+            let loader_cfg =
+                LoaderConfig::train(training.batch_size, opts.seed).workers(opts.workers).shard(rank, world_size);
             let source = train_set.source(loader_cfg)?;
             let fit_cfg = FitConfig {
                 run: &run,
@@ -201,7 +235,7 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
                 FitEnd::Finished { state, best_val } => {
                     let mut best_val = best_val;
                     if T::SELECT.is_some() {
-                        load_best(&run, model.store())?;
+                        load_best(&run, model.store(), ctx.dist())?;
                         // A run resumed after its last epoch has no validation of this process.
                         if best_val.is_none() {
                             best_val = task.validate(&ctx)?;

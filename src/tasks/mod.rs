@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub skip_nonfinite: u64,
     /// Batch sizes and resolution given on the command line, in place of the config's.
     pub overrides: Overrides,
+    /// The communicator of a data-parallel run (`albef launch`, torchrun, SLURM); `None` on one
+    /// process.
+    pub dist: Option<crate::dist::Comm>,
 }
 
 impl RunOptions {
@@ -64,6 +67,7 @@ impl RunOptions {
             stop_after_epoch: None,
             skip_nonfinite: 0,
             overrides: Overrides::default(),
+            dist: None,
         }
     }
 }

@@ -8,7 +8,8 @@ use crate::config::{RetrievalKeys, TrainTransform};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::retrieval::{ImageRef, RetrievalEval, RetrievalTrain, TrainSample};
 use crate::data::{image_batch, Padding, Tokenizer};
-use crate::eval::retrieval::{itm_eval, score_matrices, EncodedSplit, Scores};
+use crate::dist::Communicator;
+use crate::eval::retrieval::{itm_eval, score_matrices, score_matrices_sharded, EncodedSplit, Scores};
 use crate::model::{ContrastiveModel, ModelConfig, Objective};
 use crate::progress::Progress;
 use crate::task::Task;
@@ -81,7 +82,9 @@ pub fn encode_split(
     Ok(enc)
 }
 
-/// Encodes a split and scores it (§4).
+/// Encodes a split and scores it (§4); with `dist`, every rank encodes the whole split and
+/// scores its share of the rows (Retrieval.py's split), and every rank gets the whole matrices.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_split(
     model: &ContrastiveModel,
     split: Arc<RetrievalEval>,
@@ -90,9 +93,13 @@ pub fn evaluate_split(
     k_test: usize,
     workers: Option<usize>,
     name: &str,
+    dist: Option<&dyn Communicator>,
 ) -> Result<(Metrics, Scores, Scores)> {
     let enc = encode_split(model, split.clone(), tokenizer, batch_size, workers, name)?;
-    let (i2t, t2i) = score_matrices(model, &enc, k_test)?;
+    let (i2t, t2i) = match dist {
+        Some(comm) => score_matrices_sharded(model, &enc, k_test, comm)?,
+        None => score_matrices(model, &enc, k_test)?,
+    };
     mem::stage("eval: ITM scoring");
     let metrics = itm_eval(&i2t, &t2i, &split.txt2img, &split.img2txt);
     Ok((metrics, i2t, t2i))
@@ -138,9 +145,17 @@ pub struct Retrieval {
 
 impl Retrieval {
     fn evaluate(&self, ctx: &Ctx<ContrastiveModel>, split: &Arc<RetrievalEval>, name: &str) -> Result<Metrics> {
-        let (m, i2t, t2i) =
-            evaluate_split(ctx.model, split.clone(), ctx.tokenizer, self.batch_test, self.k_test, ctx.workers, name)?;
-        if self.save_scores {
+        let (m, i2t, t2i) = evaluate_split(
+            ctx.model,
+            split.clone(),
+            ctx.tokenizer,
+            self.batch_test,
+            self.k_test,
+            ctx.workers,
+            name,
+            ctx.dist(),
+        )?;
+        if self.save_scores && ctx.run.is_primary() {
             save_scores(ctx.run, name, &i2t, &t2i)?;
         }
         Ok(m)
@@ -209,6 +224,7 @@ impl TaskSpec for Retrieval {
             self.k_test,
             ctx.workers,
             "val",
+            ctx.dist(),
         )?;
         Ok(Some(m))
     }

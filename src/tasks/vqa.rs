@@ -5,10 +5,12 @@
 use super::harness::{self, Ctx, Outcome, Report, Setup, TaskSpec};
 use super::RunOptions;
 use crate::config::VqaKeys;
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::loader::{epoch_batches, Dataset, Loader, LoaderConfig};
 use crate::data::retrieval::ImageRef;
 use crate::data::vqa::{read_answer_list, VqaDataset, VqaSample};
 use crate::data::{image_batch, Padding, Tokenizer};
+use crate::dist::comm::merge_by_index;
+use crate::dist::Communicator;
 use crate::eval::vqa::vqa_accuracy;
 use crate::model::{ModelConfig, VqaModel};
 use crate::progress::Progress;
@@ -35,16 +37,22 @@ pub fn evaluate(
     k_test: usize,
     batch_size: usize,
     workers: Option<usize>,
+    dist: Option<&dyn Communicator>,
 ) -> Result<(Vec<serde_json::Value>, Option<Metrics>)> {
     let dev = model.store.device().clone();
     let res = model.cfg.vision.image_res;
     let with_eos: Vec<String> = answer_list.iter().map(|a| format!("{a}{eos}")).collect();
     let (answer_ids, answer_mask) =
         tokenizer.encode_batch(&with_eos, Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
-    let cfg = LoaderConfig::eval(batch_size).workers(workers);
+    // Several ranks: each answers its shard (a padded DistributedSampler, as the reference) and
+    // the answers are merged in question order.
+    let (rank, world) = dist.map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let cfg = LoaderConfig::eval(batch_size).workers(workers).shard(rank, world);
+    let order = epoch_batches(split.len(), &cfg, 0).concat();
     let loader = Loader::new(split.clone(), cfg);
     let progress = Progress::new("Generate VQA test result", loader.num_batches(0));
-    let (mut results, mut acc_sum, mut scored) = (Vec::new(), 0.0, 0usize);
+    // (example index, (result, accuracy where the example has answers)).
+    let mut local: Vec<(usize, (serde_json::Value, Option<f64>))> = Vec::new();
     for (i, batch) in loader.epoch(0, 0).enumerate() {
         let batch = batch?;
         let questions: Vec<&str> = batch.iter().map(|s| s.question.as_str()).collect();
@@ -55,19 +63,22 @@ pub fn evaluate(
         let ranking = model.rank_answers(&states, &q_mask, &answer_ids, &answer_mask, k_test)?;
         for (s, ids) in batch.iter().zip(&ranking.ids) {
             let answer = &answer_list[ids[0]];
-            results.push(json!({"question_id": s.question_id, "answer": answer}));
-            if !s.answers.is_empty() {
-                acc_sum += vqa_accuracy(answer, &s.answers);
-                scored += 1;
-            }
+            let acc = (!s.answers.is_empty()).then(|| vqa_accuracy(answer, &s.answers));
+            local.push((order[local.len()], (json!({"question_id": s.question_id, "answer": answer}), acc)));
         }
         progress.step(i, String::new);
     }
     progress.finish();
-    let metrics = (scored > 0).then(|| {
+    let merged = match dist {
+        Some(comm) => merge_by_index(comm, local, split.len())?,
+        None => local.into_iter().map(|(_, r)| r).collect(),
+    };
+    let scores: Vec<f64> = merged.iter().filter_map(|(_, acc)| *acc).collect();
+    let results: Vec<serde_json::Value> = merged.into_iter().map(|(r, _)| r).collect();
+    let metrics = (!scores.is_empty()).then(|| {
         let mut m = Metrics::new();
-        m.insert("vqa_acc".into(), 100.0 * acc_sum / scored as f64);
-        m.insert("questions".into(), scored as f64);
+        m.insert("vqa_acc".into(), 100.0 * scores.iter().sum::<f64>() / scores.len() as f64);
+        m.insert("questions".into(), scores.len() as f64);
         m
     });
     Ok((results, metrics))
@@ -153,6 +164,7 @@ impl TaskSpec for Vqa {
             self.k_test,
             self.batch_test,
             ctx.workers,
+            ctx.dist(),
         )?;
         ctx.run.write_json("vqa_result.json", &serde_json::Value::Array(results))?;
         let mut out = json!({"result_file": ctx.run.file("vqa_result.json").display().to_string(), "epoch": epoch});

@@ -5,6 +5,7 @@ use super::optim::AdamW;
 use super::run::{RunDir, TrainState, BEST, LAST};
 use super::{train_epoch, LoopConfig, Losses};
 use crate::data::loader::BatchSource;
+use crate::dist::Communicator;
 use crate::nn::ParamStore;
 use crate::task::Task;
 use crate::util::Metrics;
@@ -64,11 +65,23 @@ pub fn fit<S: BatchSource + ?Sized>(
 ) -> Result<FitEnd> {
     // `--resume` before any epoch completed (killed in the first one) starts over, so that a
     // restart can always pass it.
-    let resume = cfg.resume && cfg.run.file(LAST).is_file();
+    let dist = cfg.loop_cfg.dist.as_deref();
+    let mut resume = cfg.resume && cfg.run.file(LAST).is_file();
+    if let Some(comm) = dist {
+        // Rank 0 alone reads the output folder; the others take its decision and its state.
+        resume = comm.broadcast_bytes(&[resume as u8], 0)? == [1];
+    }
     if cfg.resume && !resume {
         eprintln!("--resume: no {LAST} yet (no epoch completed): starting from epoch 0");
     }
-    let mut state = if resume { cfg.run.resume(store, optimizer, store.device())? } else { TrainState::default() };
+    let mut state = if resume && cfg.run.is_primary() {
+        cfg.run.resume(store, optimizer, store.device())?
+    } else {
+        TrainState::default()
+    };
+    if let (Some(comm), true) = (dist, resume) {
+        super::distributed::sync_run_state(comm, store, optimizer, &mut state)?;
+    }
     if resume {
         eprintln!("resuming after {} completed epoch(s)", state.epochs_done);
     }
@@ -147,9 +160,15 @@ pub fn fit<S: BatchSource + ?Sized>(
     Ok(FitEnd::Finished { state, best_val })
 }
 
-/// Loads `checkpoint_best` back into the model (to test with it).
-pub fn load_best(run: &RunDir, store: &ParamStore) -> Result<()> {
-    let ckpt = crate::checkpoint::read_checkpoint(&run.file(BEST), store.device())?;
-    crate::checkpoint::load_into(store, &ckpt.tensors)?;
+/// Loads `checkpoint_best` back into the model (to test with it); in a data-parallel run rank 0
+/// reads it and the others receive its weights.
+pub fn load_best(run: &RunDir, store: &ParamStore, dist: Option<&dyn Communicator>) -> Result<()> {
+    if run.is_primary() {
+        let ckpt = crate::checkpoint::read_checkpoint(&run.file(BEST), store.device())?;
+        crate::checkpoint::load_into(store, &ckpt.tensors)?;
+    }
+    if let Some(comm) = dist {
+        super::distributed::sync_model(comm, store)?;
+    }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! backward, AdamW), run folders (logs, configs, metrics), checkpoints with optimizer state and
 //! resuming.
 
+pub mod distributed;
 pub mod fit;
 pub mod optim;
 pub mod run;
@@ -9,6 +10,7 @@ pub mod schedule;
 
 use crate::config::ScheduleConfig;
 use crate::data::loader::mix;
+use crate::dist::Comm;
 use crate::nn::seed_dropout;
 use crate::progress::Progress;
 use anyhow::{bail, Result};
@@ -32,6 +34,9 @@ pub struct LoopConfig {
     /// Steps with a non-finite loss or gradient norm tolerated over the run (skipped, not
     /// applied); one more stops the run.
     pub skip_nonfinite: u64,
+    /// The data-parallel communicator (gradients averaged over ranks, epoch figures summed).
+    /// `seed` is then this rank's (`base + rank`, as the reference).
+    pub dist: Option<Comm>,
 }
 
 impl LoopConfig {
@@ -42,6 +47,7 @@ impl LoopConfig {
             warm_up: training.warm_up,
             seed,
             skip_nonfinite: 0,
+            dist: None,
         }
     }
 }
@@ -72,7 +78,16 @@ where
     let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
     let mut lr = cfg.schedule.lr(epoch, 0);
     let mut n = 0usize;
-    for (i, batch) in batches.enumerate() {
+    let mut batches = batches;
+    for i in 0.. {
+        let batch = batches.next();
+        // Ranks step together: the epoch ends for all when one has no batch left (a stream).
+        if let Some(comm) = &cfg.dist {
+            if !distributed::all_true(comm.as_ref(), batch.is_some())? {
+                break;
+            }
+        }
+        let Some(batch) = batch else { break };
         lr = cfg.schedule.lr(epoch, i);
         let a = alpha(cfg.alpha, cfg.warm_up, epoch, i, iters_per_epoch);
         let losses = step(batch?, a, &mut rng)?;
@@ -86,12 +101,21 @@ where
             });
         }
         let Some(total) = total else { bail!("the task returned no loss") };
-        let bad = values.iter().find(|(_, v)| !v.is_finite()).map(|&(name, v)| format!("{name} became {v}"));
+        let mut bad = values.iter().find(|(_, v)| !v.is_finite()).map(|&(name, v)| format!("{name} became {v}"));
+        // Every rank skips a step that any rank must skip (else the gradient average waits forever).
+        if let Some(comm) = &cfg.dist {
+            if !distributed::all_true(comm.as_ref(), bad.is_none())? && bad.is_none() {
+                bad = Some("another rank's loss became non-finite".to_string());
+            }
+        }
         let mut grads = None;
         let bad = match bad {
             Some(bad) => Some(bad),
             None => {
-                let g = total.backward()?;
+                let mut g = total.backward()?;
+                if let Some(comm) = &cfg.dist {
+                    crate::dist::comm::average_gradients(comm.as_ref(), &optimizer.vars(), &mut g)?;
+                }
                 let norm = optimizer.grad_norm(&g)?;
                 grads = Some(g);
                 (!norm.is_finite()).then(|| format!("the gradient norm became {norm}"))
@@ -123,6 +147,11 @@ where
         progress.step(i, || format!("lr: {lr:.6e}  {}", shown.join("  ")));
     }
     progress.finish();
+    // The reference logs the means over every rank's steps (`synchronize_between_processes`).
+    let (sums, n) = match &cfg.dist {
+        Some(comm) => distributed::sum_over_ranks(comm.as_ref(), sums, n)?,
+        None => (sums, n),
+    };
     let mut out: BTreeMap<String, f64> = sums.into_iter().map(|(k, v)| (k.to_string(), v / n.max(1) as f64)).collect();
     out.insert("lr".into(), lr);
     Ok(out)

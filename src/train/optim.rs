@@ -42,6 +42,11 @@ impl AdamW {
         Ok(Self { slots, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0 })
     }
 
+    /// The parameters this optimizer updates, in a fixed order.
+    pub fn vars(&self) -> Vec<Var> {
+        self.slots.iter().map(|s| s.var.clone()).collect()
+    }
+
     /// The global L2 norm of the gradients of this optimizer's parameters (one device sync).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut total: Option<Tensor> = None;

@@ -33,8 +33,9 @@ pub const LOCK: &str = ".albef.lock";
 
 pub struct RunDir {
     pub path: PathBuf,
-    /// Held (an OS file lock, released when the process ends, however it ends) while this exists.
-    _lock: std::fs::File,
+    /// Held (an OS file lock, released when the process ends, however it ends) while this exists;
+    /// `None` on the ranks > 0 of a data-parallel run, which write nothing.
+    _lock: Option<std::fs::File>,
 }
 
 impl RunDir {
@@ -67,7 +68,19 @@ impl RunDir {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Self { path: path.to_path_buf(), _lock: lock })
+        Ok(Self { path: path.to_path_buf(), _lock: Some(lock) })
+    }
+
+    /// The folder as a rank > 0 of a data-parallel run sees it: only rank 0 writes logs, metrics
+    /// and checkpoints (`utils.is_main_process()` in the reference), so here every write does
+    /// nothing and the folder is neither created nor locked.
+    pub fn secondary(path: &Path) -> Self {
+        Self { path: path.to_path_buf(), _lock: None }
+    }
+
+    /// Whether this process writes the run's files (false on ranks > 0).
+    pub fn is_primary(&self) -> bool {
+        self._lock.is_some()
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -77,6 +90,9 @@ impl RunDir {
     /// Appends one JSON object as a line of `log.txt`: one `write` of the whole line, synced, so
     /// that a kill leaves no torn line; a failed write (disk full) is cut off again.
     pub fn log(&self, record: &serde_json::Value) -> Result<()> {
+        if !self.is_primary() {
+            return Ok(());
+        }
         let path = self.file("log.txt");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -95,6 +111,9 @@ impl RunDir {
     /// Drops the `log.txt` lines after the one of epoch `epochs_done - 1` (epochs that a resumed
     /// run does again; all of them for 0), atomically.
     pub fn truncate_log(&self, epochs_done: usize) -> Result<()> {
+        if !self.is_primary() {
+            return Ok(());
+        }
         let path = self.file("log.txt");
         let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
         let lines: Vec<&str> = text.lines().collect();
@@ -120,10 +139,16 @@ impl RunDir {
     }
 
     pub fn write_json(&self, name: &str, value: &serde_json::Value) -> Result<()> {
+        if !self.is_primary() {
+            return Ok(());
+        }
         write_atomic(&self.file(name), serde_json::to_string_pretty(value)?.as_bytes())
     }
 
     pub fn write_text(&self, name: &str, text: &str) -> Result<()> {
+        if !self.is_primary() {
+            return Ok(());
+        }
         write_atomic(&self.file(name), text.as_bytes())
     }
 
@@ -136,6 +161,9 @@ impl RunDir {
         optimizer: Option<&AdamW>,
         state: &TrainState,
     ) -> Result<()> {
+        if !self.is_primary() {
+            return Ok(());
+        }
         let mut tensors: StateDict = store.named_tensors().into_iter().collect();
         if let Some(opt) = optimizer {
             tensors.extend(opt.state());
