@@ -51,6 +51,8 @@ enum Command {
     Index(cli::search::IndexArgs),
     /// Search an index by text (optionally re-ranked by ITM) or by image.
     Search(cli::search::SearchArgs),
+    /// The device checks in one command: fixture parity (fp32, bf16), fused ops, a tiny training run, the bench.
+    Selftest(cli::selftest::SelftestArgs),
 }
 
 fn main() {
@@ -71,6 +73,7 @@ fn main() {
         Command::Compare(a) => cli::compare::run(a),
         Command::Index(a) => cli::search::index_cmd(a),
         Command::Search(a) => cli::search::search_cmd(a),
+        Command::Selftest(a) => cli::selftest::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -83,8 +83,20 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension (max-subtracted for stability; the max is a constant).
+/// `x` in f32: LayerNorm, softmax and log-softmax compute in f32 whatever their input, as
+/// autocast runs them (a no-op on f32 input).
+fn in_f32(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        Ok(x.clone())
+    } else {
+        x.to_dtype(DType::F32)
+    }
+}
+
+/// Softmax over the last dimension (max-subtracted for stability; the max is a constant), in
+/// f32 (a bf16 input is widened first).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let x = &in_f32(x)?;
     if fused::usable(x) {
         return x.contiguous()?.apply_op1(fused::Softmax);
     }
@@ -98,8 +110,9 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Log-softmax over the last dimension.
+/// Log-softmax over the last dimension, in f32.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let x = &in_f32(x)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -205,7 +218,9 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
+    /// Statistics and output in f32 (a bf16 input is widened first).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = &in_f32(x)?;
         if fused::usable(x) {
             return x.contiguous()?.apply_op3(&self.weight, &self.bias, fused::LayerNormOp { eps: self.eps });
         }
