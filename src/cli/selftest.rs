@@ -41,8 +41,11 @@ pub struct SelftestArgs {
     bench_model: Option<String>,
 }
 
+/// A recorded set: its name and its files (name, contents).
+type FixtureSet = (&'static str, [(&'static str, &'static [u8]); 4]);
+
 /// The recorded sets (outputs of the official PyTorch code on tiny random-weight models).
-const SETS: [(&str, [(&str, &[u8]); 4]); 2] = [
+const SETS: [FixtureSet; 2] = [
     (
         "retrieval",
         [
