@@ -34,6 +34,8 @@ pub struct ModelKeys {
     pub init_std: Option<f64>,
     /// Pre-training: share of eligible tokens masked for MLM (0.15).
     pub mlm_probability: Option<f64>,
+    /// albef extension: `fp32` (default) or `bf16` mixed precision (see [`crate::nn::Precision`]).
+    pub precision: Option<crate::nn::Precision>,
 }
 
 /// The YAML `optimizer:` block. Only AdamW exists in the reference configs; `lr` is overwritten
@@ -70,6 +72,8 @@ pub struct TrainKeys {
     pub alpha: Option<f64>,
     /// Ramp α over the first epoch (default on, as every reference config but VE's).
     pub warm_up: Option<bool>,
+    /// albef extension: micro-batches whose averaged gradients make one optimizer step (1).
+    pub accum_steps: Option<usize>,
 }
 
 /// What training needs from [`TrainKeys`], checked present.
@@ -79,6 +83,8 @@ pub struct Training {
     pub schedule: ScheduleConfig,
     pub alpha: f64,
     pub warm_up: bool,
+    /// Micro-batches per optimizer step (≥ 1), see [`crate::train::LoopConfig::accum_steps`].
+    pub accum_steps: usize,
     pub batch_size: usize,
     pub train_file: Files,
 }
@@ -126,6 +132,8 @@ pub struct Overrides {
     pub batch_size_train: Option<usize>,
     pub batch_size_test: Option<usize>,
     pub image_res: Option<usize>,
+    pub precision: Option<crate::nn::Precision>,
+    pub accum_steps: Option<usize>,
 }
 
 /// A parsed task config.
@@ -240,6 +248,12 @@ impl<T: TaskKeys> Config<T> {
                 map.insert(Value::from(key), Value::from(v as u64));
             }
         }
+        if let Some(n) = overrides.accum_steps {
+            map.insert(Value::from("accum_steps"), Value::from(n as u64));
+        }
+        if let Some(p) = overrides.precision {
+            map.insert(Value::from("precision"), Value::from(p.to_string()));
+        }
         Self::from_value(value, path, training)
     }
 
@@ -353,6 +367,7 @@ impl<T: TaskKeys> Config<T> {
             schedule: self.train.schedular.clone().expect("checked"),
             alpha: self.train.alpha.unwrap_or(0.0),
             warm_up: self.train.warm_up.unwrap_or(true),
+            accum_steps: self.train.accum_steps.unwrap_or(1),
             batch_size: batch.expect("checked"),
             train_file: T::train_file(&self.data).expect("checked").clone(),
         })
@@ -372,6 +387,9 @@ impl<T: TaskKeys> Config<T> {
     pub fn model_config(&self) -> Result<ModelConfig> {
         let keys = &self.model;
         let d = ModelConfig::default();
+        if self.train.accum_steps == Some(0) {
+            bail!("accum_steps must be at least 1");
+        }
         if let Some(p) = keys.mlm_probability {
             if !(0.0..=1.0).contains(&p) {
                 bail!("mlm_probability {p} is not in [0, 1]");
@@ -834,10 +852,17 @@ mod overrides {
 
     #[test]
     fn command_line_values_replace_the_files() {
-        let o = Overrides { batch_size_train: Some(4), batch_size_test: Some(2), image_res: Some(256) };
+        let o = Overrides {
+            batch_size_train: Some(4),
+            batch_size_test: Some(2),
+            image_res: Some(256),
+            precision: Some(crate::nn::Precision::Bf16),
+            accum_steps: Some(2),
+        };
         let cfg = RetrievalConfig::load_with(Path::new("configs/Retrieval_flickr.yaml"), true, &o).unwrap();
         assert_eq!((cfg.training().unwrap().batch_size, cfg.task.batch_size_test), (4, 2));
         assert_eq!(cfg.model_config().unwrap().vision.image_res, 256);
+        assert_eq!((cfg.model.precision, cfg.training().unwrap().accum_steps), (Some(crate::nn::Precision::Bf16), 2));
         // NLVR.yaml has one batch size for training and evaluation.
         let cfg = NlvrConfig::load_with(
             Path::new("configs/NLVR.yaml"),

@@ -54,6 +54,8 @@ enum Command {
     /// Data-parallel runs: one process per GPU (or CPU share) of this node, as torchrun:
     /// `albef launch --nproc_per_node 8 -- pretrain --config …`.
     Launch(cli::tasks::LaunchArgs),
+    /// The device checks in one command: fixture parity (fp32, bf16), fused ops, a tiny training run, the bench.
+    Selftest(cli::selftest::SelftestArgs),
 }
 
 fn main() {
@@ -75,6 +77,7 @@ fn main() {
         Command::Index(a) => cli::search::index_cmd(a),
         Command::Search(a) => cli::search::search_cmd(a),
         Command::Launch(a) => cli::tasks::launch(a),
+        Command::Selftest(a) => cli::selftest::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -17,6 +17,7 @@ fn short_demo_learns_and_writes_its_report() {
         batch_size: 16,
         vqa_epochs: 1,
         workers: Some(2),
+        ..Default::default()
     };
     let s = run(&opts).unwrap();
     // 30 test images with 2 captions each: chance R@1 is 3.3% (text → image) and at most 6.7%

@@ -7,8 +7,9 @@ use albef::checkpoint::{save_pth, StateDict};
 use albef::eval::retrieval::{score_matrices, EncodedSplit};
 use albef::model::bert::{BertModel, CrossStates, Layout, Mode};
 use albef::model::vit::VisionTransformer;
-use albef::model::{ContrastiveModel, ModelConfig, Objective, VqaModel};
+use albef::model::{BertConfig, ContrastiveModel, ModelConfig, Objective, VisionConfig, VqaModel};
 use albef::nn::ParamStore;
+use albef::nn::{with_precision, Precision};
 use albef::task::Task;
 use albef::tasks::{load_checkpoint, save_model, TeacherInit};
 use albef::train::optim::AdamW;
@@ -35,9 +36,28 @@ pub struct BenchArgs {
     text_len: usize,
     #[arg(long, default_value_t = 384)]
     image_res: usize,
-    /// Sections to run: vit, fusion, rerank, train, pretrain, vqa, mem.
-    #[arg(long, value_delimiter = ',', default_value = "vit,fusion,rerank,train,pretrain,vqa,mem")]
+    /// Sections to run: throughput, vit, fusion, rerank, train, pretrain, vqa, mem.
+    #[arg(long, value_delimiter = ',', default_value = "throughput,vit,fusion,rerank,train,pretrain,vqa,mem")]
     only: Vec<String>,
+    /// Device of the throughput section (the other sections run on the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the throughput section.
+    #[arg(long, default_value = "fp32")]
+    precision: albef::nn::Precision,
+    /// Model of the throughput section: `base` (ViT-B/16 + BERT-base, the paper's) or `tiny`
+    /// (the demo's, for a quick run on a CPU).
+    #[arg(long, default_value = "base")]
+    model: String,
+    /// Throughput section: retrieval training batch (the config's batch size: 32 on Flickr30K).
+    #[arg(long, default_value_t = 32)]
+    tp_train_batch: usize,
+    /// Throughput section: images per encoding batch, and texts re-ranked per image.
+    #[arg(long, default_value_t = 64)]
+    tp_batch: usize,
+    /// Throughput section: timed repetitions.
+    #[arg(long, default_value_t = 3)]
+    tp_reps: usize,
     /// Where the memory section writes its two full-size checkpoints (about 1.9 GB each; removed
     /// afterwards).
     #[arg(long)]
@@ -186,6 +206,24 @@ fn mem_section(a: &BenchArgs, cfg: &ModelConfig) -> Result<()> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.only.iter().any(|o| o == "throughput") && a.mem_child.is_none() {
+        let dev = super::device(&a.device)?;
+        let cfg = match a.model.as_str() {
+            "base" => ModelConfig {
+                vision: VisionConfig { image_res: a.image_res, ..Default::default() },
+                ..Default::default()
+            },
+            "tiny" => tiny_config(),
+            other => bail!("unknown --model {other:?} (base, tiny)"),
+        };
+        let sizes = Sizes { train_batch: a.tp_train_batch, batch: a.tp_batch, text_len: a.text_len, reps: a.tp_reps };
+        for f in throughput(&cfg, &dev, a.precision, &sizes)? {
+            println!("{f}");
+        }
+        if a.only.len() == 1 {
+            return Ok(());
+        }
+    }
     let dev = Device::Cpu;
     let mut cfg = ModelConfig::default();
     cfg.vision.image_res = a.image_res;
@@ -381,4 +419,185 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The demo's small model (ViT 3×64 at 32 px, BERT 4×64), for quick runs on a CPU.
+pub fn tiny_config() -> ModelConfig {
+    let vision = VisionConfig {
+        patch_size: 8,
+        embed_dim: 64,
+        depth: 3,
+        num_heads: 4,
+        mlp_ratio: 2.0,
+        image_res: 32,
+        ..Default::default()
+    };
+    let bert = BertConfig {
+        vocab_size: 1000,
+        hidden_size: 64,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        intermediate_size: 128,
+        max_position_embeddings: 64,
+        fusion_layer: 2,
+        encoder_width: 64,
+        ..Default::default()
+    };
+    ModelConfig { vision, bert, embed_dim: 64, queue_size: 256, init_std: 0.1, ..Default::default() }
+}
+
+/// Batch sizes of the throughput section.
+pub struct Sizes {
+    /// Retrieval training batch.
+    pub train_batch: usize,
+    /// Images per encoding batch; texts re-ranked per image.
+    pub batch: usize,
+    pub text_len: usize,
+    pub reps: usize,
+}
+
+/// One measured figure of the throughput section.
+pub struct Figure {
+    pub what: String,
+    pub per_s: f64,
+    pub unit: &'static str,
+    pub tflops: f64,
+    /// Achieved TFLOP/s over the dense matmul's, measured in the same run.
+    pub of_peak: f64,
+}
+
+impl std::fmt::Display for Figure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.unit == "peak" {
+            return write!(f, "{}: {:.2} TFLOP/s", self.what, self.tflops);
+        }
+        write!(
+            f,
+            "{}: {:.1} {}/s, {:.3} TFLOP/s ({:.1}% of the dense matmul)",
+            self.what,
+            self.per_s,
+            self.unit,
+            self.tflops,
+            100.0 * self.of_peak
+        )
+    }
+}
+
+/// Matmul FLOPs (multiply-adds ×2) of one transformer layer: `n` tokens of width `d`, MLP width
+/// `mlp`, self-attention, and cross-attention to `kv` tokens of width `kv_width` when given.
+fn layer_flops(n: usize, d: usize, mlp: usize, cross: Option<(usize, usize)>) -> f64 {
+    let (n, d, mlp) = (n as f64, d as f64, mlp as f64);
+    let mut f = 2.0 * n * d * 4.0 * d + 2.0 * 2.0 * n * d * mlp + 2.0 * 2.0 * n * n * d;
+    if let Some((kv, w)) = cross {
+        let (kv, w) = (kv as f64, w as f64);
+        f += 2.0 * n * d * 2.0 * d + 2.0 * 2.0 * kv * w * d + 2.0 * 2.0 * n * kv * d;
+    }
+    f
+}
+
+/// Forward matmul FLOPs of the image encoder (one image), the text encoder's text-only layers
+/// and the fusion layers (one text of `len` tokens against one image).
+fn model_flops(cfg: &ModelConfig, len: usize) -> (f64, f64, f64) {
+    let v = &cfg.vision;
+    let tokens = v.num_patches() + 1;
+    let patch = 2.0 * v.num_patches() as f64 * (3 * v.patch_size * v.patch_size) as f64 * v.embed_dim as f64;
+    let image = patch + v.depth as f64 * layer_flops(tokens, v.embed_dim, v.mlp_hidden(), None);
+    let b = &cfg.bert;
+    let text = b.fusion_layer as f64 * layer_flops(len, b.hidden_size, b.intermediate_size, None);
+    let fusion = (b.num_hidden_layers - b.fusion_layer) as f64
+        * layer_flops(len, b.hidden_size, b.intermediate_size, Some((tokens, b.encoder_width)));
+    (image, text, fusion)
+}
+
+fn timed<F: FnMut() -> Result<()>>(dev: &Device, reps: usize, mut f: F) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / reps.max(1) as f64)
+}
+
+/// Training samples/s (the retrieval step: ITC + ITM, teacher, backward, AdamW), evaluation
+/// pairs/s (ITM re-rank of `batch` texts against an image), image encoding images/s, each with
+/// the TFLOP/s its matmuls achieve and their share of a dense square matmul in the same precision
+/// on the same device (the device's practical peak), all measured in this run.
+pub fn throughput(cfg: &ModelConfig, dev: &Device, precision: Precision, s: &Sizes) -> Result<Vec<Figure>> {
+    with_precision(precision, || throughput_inner(cfg, dev, precision, s))
+}
+
+fn throughput_inner(cfg: &ModelConfig, dev: &Device, precision: Precision, s: &Sizes) -> Result<Vec<Figure>> {
+    let mut out = Vec::new();
+    // The peak: a dense n×n×n matmul in the section's precision.
+    let n = if dev.is_cpu() { 1024 } else { 8192 };
+    let dtype = match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    };
+    let x = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let y = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let t = timed(dev, s.reps, || x.matmul(&y).map(|_| ()).map_err(Into::into))?;
+    let peak = 2.0 * (n as f64).powi(3) / t / 1e12;
+    out.push(Figure {
+        what: format!("dense {precision} matmul {n}x{n}x{n} on {dev:?}"),
+        per_s: 0.0,
+        unit: "peak",
+        tflops: peak,
+        of_peak: 1.0,
+    });
+    let figure = |what: String, per_s: f64, unit, flops_each: f64| {
+        let tflops = per_s * flops_each / 1e12;
+        Figure { what, per_s, unit, tflops, of_peak: tflops / peak }
+    };
+    let res = cfg.vision.image_res;
+    let (f_image, f_text, f_fusion) = model_flops(cfg, s.text_len);
+    let model = ContrastiveModel::new(cfg, Objective::Retrieval, dev, 0)?;
+    let vocab = cfg.bert.vocab_size as i64;
+    let ids_of = |rows: usize| -> Result<Tensor> {
+        let v = (0..rows * s.text_len)
+            .map(|i| if i % s.text_len == 0 { 101.min(vocab - 1) } else { (1000 + (i as i64 * 31) % 20000) % vocab })
+            .collect();
+        Ok(Tensor::from_vec(v, (rows, s.text_len), dev)?)
+    };
+
+    // Image encoding.
+    let images = Tensor::randn(0f32, 1.0, (s.batch, 3, res, res), dev)?;
+    let t = timed(dev, s.reps, || model.encode_image(&images).map(|_| ()).map_err(Into::into))?;
+    out.push(figure(format!("image encoding, batch {} @{res} px", s.batch), s.batch as f64 / t, "images", f_image));
+
+    // Evaluation: ITM of `batch` texts against one image (the re-rank of one image's top-k).
+    let ids = ids_of(s.batch)?;
+    let mask = Tensor::ones((s.batch, s.text_len), DType::I64, dev)?;
+    let (image_states, _) = model.encode_image(&images.narrow(0, 0, 1)?)?;
+    let (text_states, _) = model.encode_text(&ids, &mask)?;
+    let t = timed(dev, s.reps, || {
+        let fused = model.fuse(&text_states, &mask, &image_states.repeat((s.batch, 1, 1))?)?;
+        model.itm_logits(&fused).map(|_| ()).map_err(Into::into)
+    })?;
+    out.push(figure(
+        format!("evaluation ITM re-rank, {} texts x {} tokens per image", s.batch, s.text_len),
+        s.batch as f64 / t,
+        "pairs",
+        f_fusion,
+    ));
+
+    // Training: the retrieval step at the config's batch size. Its matmuls: student image + text
+    // + fusion of B positives and 2B negatives, forward and backward (×3), and the teacher's
+    // image + text forward (×1).
+    let b = s.train_batch;
+    let image = Tensor::randn(0f32, 1.0, (b, 3, res, res), dev)?;
+    let (ids, mask) = (ids_of(b)?, Tensor::ones((b, s.text_len), DType::I64, dev)?);
+    let idx = Tensor::arange(0i64, b as i64, dev)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut optimizer = AdamW::new(&model.store, 0.02)?;
+    let t = timed(dev, s.reps, || {
+        let l = model.forward_train(&image, &ids, &mask, Some(&idx), 0.4, None, &mut rng, true)?;
+        optimizer.step(&l.total()?.backward()?, 1e-5)?;
+        Ok(())
+    })?;
+    let per_sample = 3.0 * (f_image + f_text + 3.0 * f_fusion) + (f_image + f_text);
+    out.push(figure(format!("retrieval training step, batch {b} @{res} px"), b as f64 / t, "samples", per_sample));
+    Ok(out)
 }

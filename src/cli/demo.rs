@@ -36,7 +36,7 @@ pub fn run_cli(a: DemoArgs) -> Result<()> {
         max_shapes: 2,
         batch_size: 32,
         vqa_epochs: a.vqa_epochs,
-        workers: None,
+        ..Default::default()
     };
     let s = run(&opts)?;
     println!("\n{}", metrics_table(&[("val (best epoch)", &s.val), ("test", &s.test)]));

@@ -52,6 +52,14 @@ pub struct CommonArgs {
     /// checkpoint are interpolated to it).
     #[arg(long = "image_res", alias = "image-res")]
     image_res: Option<usize>,
+    /// Numeric precision: fp32 (default, exact) or bf16 mixed precision (bf16 matmuls, f32
+    /// master weights, optimizer state, LayerNorm, softmax and losses). Replaces `precision:`.
+    #[arg(long)]
+    precision: Option<albef::nn::Precision>,
+    /// Gradient accumulation: average the gradients of N batches of --batch_size_train per
+    /// optimizer step (each batch keeps its own ITC/ITM negatives and enqueues its own features).
+    #[arg(long = "accum-steps", alias = "accum_steps", value_parser = clap::value_parser!(u64).range(1..))]
+    accum_steps: Option<u64>,
     /// True (default): join the other processes of a data-parallel run when RANK/WORLD_SIZE
     /// (torchrun, `albef launch`) or SLURM_PROCID/SLURM_NTASKS are set; False: one process
     /// whatever the environment says.
@@ -107,6 +115,8 @@ impl CommonArgs {
                 batch_size_train: self.batch_size_train,
                 batch_size_test: self.batch_size_test,
                 image_res: self.image_res,
+                precision: self.precision,
+                accum_steps: self.accum_steps.map(|n| n as usize),
             },
             dist,
         })

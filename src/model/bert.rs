@@ -373,7 +373,7 @@ impl MlmHead {
         let dims = t.dims().to_vec();
         let d = *dims.last().unwrap();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let logits = t.reshape((rows, d))?.matmul(&self.decoder_weight.t()?)?.broadcast_add(&self.bias)?;
+        let logits = crate::nn::matmul(&t.reshape((rows, d))?, &self.decoder_weight.t()?)?.broadcast_add(&self.bias)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.bias.dim(0)?;
         logits.reshape(out)

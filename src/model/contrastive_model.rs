@@ -252,7 +252,6 @@ impl ContrastiveModel {
         // PyTorch, where `no_grad` does not switch dropout off).
         let (_, text_feat_m) = teacher.branch.text(ids, mask, train)?;
         let total = b + self.queues.size()?;
-        let idx_host: Option<Vec<i64>> = idx.map(|t| t.to_vec1::<i64>()).transpose()?;
         let targets = match (self.objective, idx) {
             (Objective::Retrieval, Some(idx)) => {
                 let q = self.queues.idx.as_ref().expect("retrieval model has an idx queue").as_tensor().detach();
@@ -280,9 +279,9 @@ impl ContrastiveModel {
 
         // Pre-training excludes the diagonal; retrieval every pair showing the same image.
         // (Retrieval adds 1e-4 inside the softmax: a no-op, left out.)
-        let forbidden = |i: usize, j: usize| match &idx_host {
-            Some(v) => v[i] == v[j],
-            None => i == j,
+        let forbidden = match idx {
+            Some(idx) => idx.reshape((b, 1))?.broadcast_eq(&idx.reshape((1, b))?)?,
+            None => Tensor::eye(b, DType::U8, dev)?,
         };
         let w_i2t = negative_weights(&out.sim_i2t, &forbidden)?;
         let w_t2i = negative_weights(&out.sim_t2i, &forbidden)?;

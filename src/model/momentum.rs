@@ -86,6 +86,10 @@ impl Ema {
 
 /// The ITC queues: `image_queue`, `text_queue` (E, Q), `queue_ptr` (1,), and for retrieval
 /// `idx_queue` (1, Q) initialised to −100.
+///
+/// The pointer is a host-side number during training (`ptr_host`): read from the `queue_ptr`
+/// buffer once, at the first enqueue (after any checkpoint was loaded), then kept on the host and
+/// written back to the buffer (a host-to-device copy, no sync) so that checkpoints hold it.
 #[derive(Clone, Debug)]
 pub struct Queues {
     pub image: Var,
@@ -94,6 +98,7 @@ pub struct Queues {
     pub idx: Option<Var>,
     /// Set in a data-parallel run: what is enqueued is first gathered from every rank.
     gather: Arc<OnceLock<Comm>>,
+    ptr_host: std::rc::Rc<std::cell::Cell<Option<usize>>>,
 }
 
 impl Queues {
@@ -103,7 +108,7 @@ impl Queues {
         let idx =
             if with_idx { Some(pb.buffer((1, size), "idx_queue", DType::I64, Init::Const(-100.0))?) } else { None };
         let ptr = pb.buffer(1, "queue_ptr", DType::I64, Init::Zeros)?;
-        Ok(Self { image, text, ptr, idx, gather: Arc::default() })
+        Ok(Self { image, text, ptr, idx, gather: Arc::default(), ptr_host: Default::default() })
     }
 
     /// From now on, [`Queues::enqueue`] writes the features of every rank of `comm`
@@ -116,7 +121,13 @@ impl Queues {
         self.image.as_tensor().dim(1)
     }
 
-    /// Writes the (B, E) momentum features (and (B,) idx) at `ptr` and advances it, as
+    /// Forgets the host copy of the pointer: the next enqueue reads `queue_ptr` again (call after
+    /// loading new buffer values into a model that has already trained).
+    pub fn reload_ptr(&self) {
+        self.ptr_host.set(None);
+    }
+
+    /// Writes the (B, E) momentum features (and (B,) idx) at `ptr` in place and advances it, as
     /// `_dequeue_and_enqueue`; in a data-parallel run the features of all ranks, in rank order
     /// (no gradient flows through the gather, as `concat_all_gather`).
     pub fn enqueue(&self, image_feat: &Tensor, text_feat: &Tensor, idx: Option<&Tensor>) -> Result<()> {
@@ -136,7 +147,10 @@ impl Queues {
                 "queue_size {size} must be a multiple of the batch size {b} (over all ranks; the reference asserts this)"
             )
         }
-        let ptr = self.ptr.as_tensor().to_vec1::<i64>()?[0] as usize;
+        let ptr = match self.ptr_host.get() {
+            Some(p) => p,
+            None => self.ptr.as_tensor().to_vec1::<i64>()?[0] as usize,
+        };
         if ptr + b > size {
             candle_core::bail!(
                 "queue_ptr {ptr} + batch {b} runs past queue_size {size}: the run was resumed with a world size whose \
@@ -144,22 +158,16 @@ impl Queues {
             )
         }
         let write = |q: &Var, cols: &Tensor| -> Result<()> {
-            let t = q.as_tensor().detach();
-            let mut parts = Vec::new();
-            if ptr > 0 {
-                parts.push(t.narrow(1, 0, ptr)?);
-            }
-            parts.push(cols.to_dtype(t.dtype())?);
-            if ptr + b < size {
-                parts.push(t.narrow(1, ptr + b, size - ptr - b)?);
-            }
-            q.set(&Tensor::cat(&parts, 1)?.contiguous()?)
+            let t = q.as_tensor();
+            t.slice_set(&cols.to_dtype(t.dtype())?.contiguous()?, 1, ptr)
         };
         write(&self.image, &image_feat.detach().t()?)?;
         write(&self.text, &text_feat.detach().t()?)?;
         if let (Some(q), Some(idx)) = (&self.idx, idx) {
             write(q, &idx.reshape((1, b))?)?;
         }
-        self.ptr.set(&Tensor::new(&[((ptr + b) % size) as i64], self.ptr.device())?)
+        let next = (ptr + b) % size;
+        self.ptr_host.set(Some(next));
+        self.ptr.set(&Tensor::new(&[next as i64], self.ptr.device())?)
     }
 }

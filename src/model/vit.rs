@@ -104,7 +104,7 @@ impl VisionTransformer {
             image.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b * gh * gw, c * p * p))?;
         let d = self.cfg.embed_dim;
         let w2 = self.patch_weight.reshape((d, c * p * p))?;
-        patches.matmul(&w2.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))
+        crate::nn::matmul(&patches, &w2.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))
     }
 
     pub fn forward(&self, image: &Tensor) -> Result<Tensor> {

@@ -11,9 +11,92 @@ mod params;
 pub use params::{Init, ParamBuilder, ParamStore, StoreMode};
 
 use candle_core::{DType, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
 
-/// Softmax over the last dimension (max-subtracted for stability; the max is a constant).
+/// Numeric precision of the forward pass (`--precision`, `precision:`).
+///
+/// `Bf16` is mixed precision as `torch.autocast(dtype=torch.bfloat16)` does it: the parameters
+/// (the master weights), their gradients and the AdamW moments stay f32; every matmul (linear
+/// layers, patch embedding, attention scores and context, MLM decoder) takes bf16 operands and
+/// gives a bf16 result; LayerNorm, softmax, log-softmax, the losses and all reductions read f32.
+/// Here the matmul result is widened back to f32 at once, so the element-wise ops between the
+/// matmuls (bias, GELU, residual adds, dropout) run in f32 on bf16-rounded values: the numerics
+/// of autocast's matmuls, not yet its halved activation memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fp32" | "f32" => Ok(Self::Fp32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("unknown precision {other:?} (fp32, bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+thread_local! {
+    /// Like `torch.autocast`, a setting of the thread that runs the model, not of each layer.
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::Fp32) };
+}
+
+/// Sets the precision of every forward pass run on this thread from now on.
+pub fn set_precision(p: Precision) {
+    PRECISION.with(|c| c.set(p));
+}
+
+pub fn precision() -> Precision {
+    PRECISION.with(|c| c.get())
+}
+
+/// Runs `f` with precision `p` on this thread, then restores the previous one.
+pub fn with_precision<T>(p: Precision, f: impl FnOnce() -> T) -> T {
+    let before = precision();
+    set_precision(p);
+    let out = f();
+    set_precision(before);
+    out
+}
+
+/// `a.matmul(b)` in the thread's [`Precision`]: exactly `matmul` in fp32; in bf16 both operands
+/// are rounded to bf16, multiplied (f32 accumulation, as cuBLAS and gemm do) and the bf16 result
+/// widened to f32. The gradients flow back through the casts as f32.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match precision() {
+        Precision::Fp32 => a.matmul(b),
+        Precision::Bf16 => a.to_dtype(DType::BF16)?.matmul(&b.to_dtype(DType::BF16)?)?.to_dtype(DType::F32),
+    }
+}
+
+/// `x` in f32: LayerNorm, softmax and log-softmax compute in f32 whatever their input, as
+/// autocast runs them (a no-op on f32 input).
+fn in_f32(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        Ok(x.clone())
+    } else {
+        x.to_dtype(DType::F32)
+    }
+}
+
+/// Softmax over the last dimension (max-subtracted for stability; the max is a constant), in
+/// f32 (a bf16 input is widened first).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let x = &in_f32(x)?;
     if fused::usable(x) {
         return x.contiguous()?.apply_op1(fused::Softmax);
     }
@@ -27,8 +110,9 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Log-softmax over the last dimension.
+/// Log-softmax over the last dimension, in f32.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let x = &in_f32(x)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -108,7 +192,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has at least one dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -134,7 +218,9 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
+    /// Statistics and output in f32 (a bf16 input is widened first).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = &in_f32(x)?;
         if fused::usable(x) {
             return x.contiguous()?.apply_op3(&self.weight, &self.bias, fused::LayerNormOp { eps: self.eps });
         }
@@ -191,7 +277,7 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, mask: Option<&Tenso
     // head sizes and much cheaper.
     let q = (split_heads(q, heads)? * (1.0 / (head_dim as f64).sqrt()))?;
     let k = split_heads(k, heads)?;
-    let scores = q.matmul(&k.t()?)?;
+    let scores = matmul(&q, &k.t()?)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
@@ -203,7 +289,7 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, mask: Option<&Tenso
 pub fn attention_context(probs: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, _, d) = v.dims3()?;
     let v = split_heads(v, heads)?;
-    let ctx = probs.matmul(&v)?;
+    let ctx = matmul(probs, &v)?;
     let lq = ctx.dim(2)?;
     ctx.transpose(1, 2)?.reshape((b, lq, d))
 }
@@ -218,8 +304,8 @@ pub fn attention_shared_kv(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> 
     let q = (q.reshape((b * lq, heads, head_dim))?.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?;
     let k = split_heads(k, heads)?.squeeze(0)?; // (H, Lk, dh)
     let v = split_heads(v, heads)?.squeeze(0)?;
-    let probs = softmax(&q.matmul(&k.t()?)?)?; // (H, B·Lq, Lk)
-    let ctx = probs.matmul(&v)?; // (H, B·Lq, dh)
+    let probs = softmax(&matmul(&q, &k.t()?)?)?; // (H, B·Lq, Lk)
+    let ctx = matmul(&probs, &v)?; // (H, B·Lq, dh)
     ctx.transpose(0, 1)?.reshape((b, lq, d))
 }
 

@@ -28,6 +28,8 @@ pub struct DemoOptions {
     /// Epochs of the VQA part (0 skips it).
     pub vqa_epochs: usize,
     pub workers: Option<usize>,
+    pub device: Device,
+    pub precision: crate::nn::Precision,
 }
 
 impl Default for DemoOptions {
@@ -42,6 +44,8 @@ impl Default for DemoOptions {
             batch_size: 32,
             vqa_epochs: 4,
             workers: None,
+            device: Device::Cpu,
+            precision: crate::nn::Precision::Fp32,
         }
     }
 }
@@ -152,6 +156,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let run = |config: PathBuf, output_dir: PathBuf| RunOptions {
         seed: opts.seed,
         workers: opts.workers,
+        device: opts.device.clone(),
+        overrides: crate::config::Overrides { precision: Some(opts.precision), ..Default::default() },
         ..RunOptions::new(config, output_dir, data.join("vocab.txt"))
     };
     let metrics = run_retrieval(&RetrievalOptions { run: run(config, out.clone()), save_scores: true })?;

@@ -130,7 +130,8 @@ fn explain_out_of_memory(e: anyhow::Error, batch_size: usize) -> anyhow::Error {
     if text.contains("OUT_OF_MEMORY") || text.contains("out of memory") {
         e.context(format!(
             "the device ran out of memory at batch size {batch_size}: try a smaller --batch_size_train \
-             (and --batch_size_test), a smaller --image_res, or another device"
+             (with --accum-steps N to keep the optimizer's batch), --precision bf16, a smaller \
+             --batch_size_test, a smaller --image_res, or another device"
         ))
     } else {
         e
@@ -142,6 +143,7 @@ pub fn run<T: TaskSpec>(opts: &RunOptions, options: T::Options) -> Result<Value>
     let training_run = !opts.evaluate;
     let cfg = Config::<T::Keys>::load_with(&opts.config, training_run, &opts.overrides)?;
     let model_cfg = cfg.model_config()?;
+    crate::nn::set_precision(cfg.model.precision.unwrap_or_default());
     let training = if training_run { Some(cfg.training()?) } else { None };
     let tokenizer = Tokenizer::from_path(&opts.text_encoder)?;
     if tokenizer.vocab_size() != model_cfg.bert.vocab_size {

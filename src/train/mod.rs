@@ -14,6 +14,7 @@ use crate::dist::Comm;
 use crate::nn::seed_dropout;
 use crate::progress::Progress;
 use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use optim::AdamW;
 use rand::rngs::StdRng;
@@ -37,6 +38,23 @@ pub struct LoopConfig {
     /// The data-parallel communicator (gradients averaged over ranks, epoch figures summed).
     /// `seed` is then this rank's (`base + rank`, as the reference).
     pub dist: Option<Comm>,
+    /// Gradient accumulation (`--accum-steps N`, `accum_steps:`): the gradients of N consecutive
+    /// micro-batches (the loader's batches) are averaged and make one AdamW step, taken at the
+    /// learning rate of the window's last iteration. 1: a step every batch, as the reference.
+    ///
+    /// Each micro-batch is a complete step of the task as it is without accumulation: for ITC
+    /// and ITM its in-batch negatives are the other samples of that micro-batch only, the
+    /// teacher's EMA runs before its forward and its momentum features are enqueued (the queue
+    /// advances by the micro-batch size; the next micro-batch finds them among its queue keys).
+    /// So accumulating N batches of b is the reference run with `batch_size_train: b` — the same
+    /// negatives, queue contents and EMA updates, one per micro-batch — except that the weights
+    /// move every N micro-batches, by the averaged gradient, where the reference with batch b
+    /// steps after every batch. It is not the reference with batch N·b: there each query's ITC
+    /// softmax would hold N·b in-batch keys (plus the same queue) and the hard ITM negatives
+    /// would be drawn from N·b candidates. Windows are aligned to the epoch's iterations
+    /// (0..N, N..2N, …); a shorter last window is averaged over what it holds; a skipped
+    /// non-finite micro-batch is left out of its window's average.
+    pub accum_steps: usize,
 }
 
 impl LoopConfig {
@@ -48,6 +66,7 @@ impl LoopConfig {
             seed,
             skip_nonfinite: 0,
             dist: None,
+            accum_steps: training.accum_steps.max(1),
         }
     }
 }
@@ -78,6 +97,9 @@ where
     let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
     let mut lr = cfg.schedule.lr(epoch, 0);
     let mut n = 0usize;
+    let accum = cfg.accum_steps.max(1);
+    // Summed parameter gradients of the current accumulation window, and how many they are.
+    let mut window: (Option<GradStore>, usize) = (None, 0);
     let mut batches = batches;
     for i in 0.. {
         let batch = batches.next();
@@ -136,7 +158,15 @@ where
             continue;
         }
         if let Some(grads) = grads {
-            optimizer.step(&grads, lr)?;
+            if accum == 1 {
+                optimizer.step(&grads, lr)?;
+            } else {
+                optimizer.accumulate(&mut window.0, grads)?;
+                window.1 += 1;
+                if (i + 1) % accum == 0 {
+                    step_window(optimizer, &mut window, lr)?;
+                }
+            }
         }
         let mut shown = Vec::new();
         for (name, v) in values {
@@ -146,6 +176,7 @@ where
         n += 1;
         progress.step(i, || format!("lr: {lr:.6e}  {}", shown.join("  ")));
     }
+    step_window(optimizer, &mut window, lr)?;
     progress.finish();
     // The reference logs the means over every rank's steps (`synchronize_between_processes`).
     let (sums, n) = match &cfg.dist {
@@ -155,4 +186,13 @@ where
     let mut out: BTreeMap<String, f64> = sums.into_iter().map(|(k, v)| (k.to_string(), v / n.max(1) as f64)).collect();
     out.insert("lr".into(), lr);
     Ok(out)
+}
+
+/// One AdamW step with the mean of an accumulation window's gradients (nothing if it is empty).
+fn step_window(optimizer: &mut AdamW, window: &mut (Option<GradStore>, usize), lr: f64) -> Result<()> {
+    if let (Some(sum), n) = (window.0.take(), window.1) {
+        optimizer.step(&optimizer.scaled(&sum, 1.0 / n as f64)?, lr)?;
+    }
+    window.1 = 0;
+    Ok(())
 }

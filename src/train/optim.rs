@@ -62,6 +62,33 @@ impl AdamW {
         Ok(total.map_or(Ok(0.0), |t| t.to_scalar::<f32>().map(|v| (v as f64).sqrt()))?)
     }
 
+    /// Adds the gradients of this optimizer's parameters in `grads` to `sum` (gradient
+    /// accumulation); the rest of `grads` (activations') is dropped with it.
+    pub fn accumulate(&self, sum: &mut Option<GradStore>, grads: GradStore) -> Result<()> {
+        let acc = sum.get_or_insert_with(GradStore::default);
+        for s in &self.slots {
+            let Some(g) = grads.get(&s.var) else { continue };
+            let g = g.detach();
+            let total = match acc.get(&s.var) {
+                Some(prev) => (prev + &g)?,
+                None => g,
+            };
+            acc.insert(&s.var, total);
+        }
+        Ok(())
+    }
+
+    /// This optimizer's parameter gradients in `grads`, times `scale`.
+    pub fn scaled(&self, grads: &GradStore, scale: f64) -> Result<GradStore> {
+        let mut out = GradStore::default();
+        for s in &self.slots {
+            if let Some(g) = grads.get(&s.var) {
+                out.insert(&s.var, (g * scale)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// One update with learning rate `lr`; parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
