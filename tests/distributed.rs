@@ -257,6 +257,8 @@ fn reference_step(f: &Fixture, epochs: usize, both: bool) -> Trained {
             q0.text.set(&text).unwrap();
             q0.idx.as_ref().unwrap().set(&idx).unwrap();
             q0.ptr.set(&Tensor::new(&[((ptr + 2 * BATCH) % 32) as i64], &Device::Cpu).unwrap()).unwrap();
+            // The queues keep their pointer on the host once they have enqueued: re-read it.
+            q0.reload_ptr();
             // The mean gradient of each parameter (rank 1's matched by name).
             let (g0, g1) = grads[0..2].split_at_mut(1);
             let online1: BTreeMap<String, candle_core::Var> =
@@ -281,6 +283,7 @@ fn reference_step(f: &Fixture, epochs: usize, both: bool) -> Trained {
             for (name, t) in p0.model.store.named_tensors() {
                 all1[&name].set(&t.copy().unwrap()).unwrap();
             }
+            p1.model.queues.reload_ptr();
         }
     }
     snapshot(&ranks[0].model, &ranks[0].optimizer)
