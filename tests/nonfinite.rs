@@ -66,7 +66,8 @@ fn train(
         decay_rate: None,
         cooldown_epochs: None,
     };
-    let loop_cfg = LoopConfig { schedule, alpha: 0.0, warm_up: false, seed: 1, skip_nonfinite: skip, accum_steps: 1, dist: None };
+    let loop_cfg =
+        LoopConfig { schedule, alpha: 0.0, warm_up: false, seed: 1, skip_nonfinite: skip, accum_steps: 1, dist: None };
     let run = RunDir::create(out)?;
     let cfg = FitConfig {
         run: &run,
