@@ -51,6 +51,8 @@ enum Command {
     Index(cli::search::IndexArgs),
     /// Search an index by text (optionally re-ranked by ITM) or by image.
     Search(cli::search::SearchArgs),
+    /// A local web page over an index: search, the photo large, questions (VQA) and Grad-CAM; JSON API behind it.
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() {
@@ -71,6 +73,7 @@ fn main() {
         Command::Compare(a) => cli::compare::run(a),
         Command::Index(a) => cli::search::index_cmd(a),
         Command::Search(a) => cli::search::search_cmd(a),
+        Command::Serve(a) => cli::serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

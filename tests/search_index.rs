@@ -176,6 +176,20 @@ fn index_and_search() {
     assert!((hits[0].score - 1.0).abs() < 1e-4);
     assert!(searcher.search(&Query::Image(photos.join(&names[1])), 3, Some(2)).is_err(), "rerank needs text");
 
+    // Text → text: the split's captions ranked by the cosine of their ITC features, as the
+    // evaluation's text features give it.
+    let lines: Vec<(usize, String)> = split.texts.iter().cloned().enumerate().map(|(i, t)| (i + 1, t)).collect();
+    let text_sims = enc.text_feat.matmul(&enc.text_feat.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+    for t in [0, 3] {
+        let hits = searcher.search_texts(&split.texts[t], &lines, lines.len()).unwrap();
+        let want: Vec<usize> = argsort_desc(&text_sims[t]).into_iter().map(|i| i + 1).collect();
+        assert_eq!(hits.iter().map(|h| h.line).collect::<Vec<_>>(), want, "text ranking of {:?}", split.texts[t]);
+        for h in &hits {
+            assert!((h.score - text_sims[t][h.line - 1]).abs() < 1e-5);
+        }
+        assert!((hits[0].score - 1.0).abs() < 1e-4, "a caption finds itself");
+    }
+
     // Another checkpoint is refused, by index and by search.
     let other = SearchOptions {
         index: idx.clone(),

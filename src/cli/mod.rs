@@ -6,6 +6,7 @@ pub mod compare;
 pub mod data;
 pub mod demo;
 pub mod search;
+pub mod serve;
 pub mod tasks;
 
 use anyhow::{bail, Result};

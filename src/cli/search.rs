@@ -1,6 +1,6 @@
 //! `albef index` and `albef search`: search a photo folder by text or by image.
 
-use albef::tasks::search::{index, IndexOptions, ModelFiles, Query, SearchOptions, Searcher};
+use albef::tasks::search::{index, read_texts, IndexOptions, ModelFiles, Query, SearchOptions, Searcher};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -71,6 +71,10 @@ pub struct SearchArgs {
     /// Image → image: find photos like this one.
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Text → text: rank these texts (one a line, or a JSON list of strings) by the query
+    /// instead of the photos (the index gives the model).
+    #[arg(long, conflicts_with_all = ["image", "rerank"])]
+    texts: Option<PathBuf>,
     #[arg(long, default_value_t = 10)]
     top: usize,
     /// Re-rank the ITC top K by the ITM head, as Retrieval.py's k_test.
@@ -101,6 +105,20 @@ pub fn search_cmd(a: SearchArgs) -> Result<()> {
         rerank: a.rerank,
     };
     let searcher = Searcher::open(&opts)?;
+    if let Some(file) = &a.texts {
+        let query = a.query.unwrap_or_default();
+        let hits = searcher.search_texts(&query, &read_texts(file)?, opts.top)?;
+        if a.json {
+            let out =
+                serde_json::json!({"query": {"text": query}, "texts": file.display().to_string(), "results": hits});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            for h in &hits {
+                println!("{:>4}  {:>9.4}  line {:<6} {}", h.rank, h.score, h.line, h.text);
+            }
+        }
+        return Ok(());
+    }
     let query = match (a.query, a.image) {
         (_, Some(p)) => Query::Image(p),
         (Some(q), None) => Query::Text(q),

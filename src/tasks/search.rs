@@ -111,6 +111,41 @@ impl Encoder {
         let (states, feat) = self.model.encode_text(&ids, &mask)?;
         Ok((states, mask, feat.i(0)?.to_vec1::<f32>()?))
     }
+
+    /// Normalised ITC features of texts, prepared as [`Encoder::encode_query`] prepares a query.
+    fn encode_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(64) {
+            let captions: Vec<String> = chunk.iter().map(|t| pre_caption(t, TEXT_MAX_WORDS)).collect();
+            let (ids, mask) =
+                self.tokenizer.encode_batch(&captions, Padding::MaxLength(EVAL_TEXT_LEN)).to_tensors(&self.device())?;
+            out.extend(self.model.encode_text(&ids, &mask)?.1.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+/// A text → text result: a line of the texts searched.
+#[derive(Clone, Debug, Serialize)]
+pub struct TextHit {
+    pub rank: usize,
+    /// 1-based position in the list searched.
+    pub line: usize,
+    pub text: String,
+    /// Cosine of the ITC text features.
+    pub score: f32,
+}
+
+/// Reads the texts of `albef search --texts`: a JSON list of strings, or one text per line
+/// (blank lines skipped, their numbers kept).
+pub fn read_texts(path: &Path) -> Result<Vec<(usize, String)>> {
+    let raw = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if raw.trim_start().starts_with('[') {
+        let list: Vec<String> = serde_json::from_str(&raw)
+            .with_context(|| format!("{}: expected a JSON list of strings", path.display()))?;
+        return Ok(list.into_iter().enumerate().map(|(i, t)| (i + 1, t)).collect());
+    }
+    Ok(raw.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.to_string())).collect())
 }
 
 fn is_image(path: &Path) -> bool {
@@ -410,6 +445,9 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
 #[derive(Clone, Debug, Serialize)]
 pub struct Hit {
     pub rank: usize,
+    /// The image's row in [`Index::paths`] (its id in `albef serve`).
+    #[serde(skip)]
+    pub row: usize,
     pub path: String,
     /// The ranking score: the ITM logit for re-ranked hits, else the ITC cosine.
     pub score: f32,
@@ -490,7 +528,7 @@ impl Searcher {
         let order = top_k(&itc, top.max(k));
         let mut hits: Vec<Hit> = order
             .iter()
-            .map(|&i| Hit { rank: 0, path: self.index.paths[i].clone(), score: itc[i], itc: itc[i], itm: None })
+            .map(|&i| Hit { rank: 0, row: i, path: self.index.paths[i].clone(), score: itc[i], itc: itc[i], itm: None })
             .collect();
         if k > 0 {
             let Some((states, mask)) = text else {
@@ -510,6 +548,23 @@ impl Searcher {
             h.rank = r + 1;
         }
         Ok(hits)
+    }
+
+    /// Text → text: `texts` (line number, text) ranked by the cosine of their ITC text features
+    /// with the query's.
+    pub fn search_texts(&self, query: &str, texts: &[(usize, String)], top: usize) -> Result<Vec<TextHit>> {
+        if query.trim().is_empty() {
+            bail!("the query is empty");
+        }
+        let (_, _, q) = self.encoder.encode_query(query)?;
+        let owned: Vec<String> = texts.iter().map(|(_, t)| t.clone()).collect();
+        let feats = self.encoder.encode_texts(&owned)?;
+        let scores: Vec<f32> = feats.iter().map(|f| f.iter().zip(&q).map(|(a, b)| a * b).sum()).collect();
+        Ok(top_k(&scores, top)
+            .into_iter()
+            .enumerate()
+            .map(|(r, i)| TextHit { rank: r + 1, line: texts[i].0, text: texts[i].1.clone(), score: scores[i] })
+            .collect())
     }
 
     /// ITM class-1 logits of the query against the hits' images (re-read from their files).
