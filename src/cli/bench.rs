@@ -36,7 +36,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 384)]
     image_res: usize,
     /// Sections to run: vit, fusion, rerank, train, pretrain, vqa, mem, search (not by default:
-    /// it writes a full-size checkpoint and a photo folder to a temporary folder).
+    /// it writes a full-size checkpoint and a photo folder to a temporary folder), ann (not by
+    /// default: builds HNSW graphs over `--ann-sizes` synthetic vectors).
     #[arg(long, value_delimiter = ',', default_value = "vit,fusion,rerank,train,pretrain,vqa,mem")]
     only: Vec<String>,
     /// Search section: the retrieval YAML that sizes the model (as `albef index --config`).
@@ -48,6 +49,11 @@ pub struct BenchArgs {
     /// Search section: index sizes (synthetic unit vectors) for the query latencies.
     #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
     search_sizes: Vec<usize>,
+    /// ANN section: index sizes (random 256-d unit vectors) for `search --ann` against exact
+    /// (building the graph over 10k took 336 s on this 2-core CPU; it grows a little faster
+    /// than the size).
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    ann_sizes: Vec<usize>,
     /// Search section: the ITM re-rank depth measured beside the plain ITC query.
     #[arg(long, default_value_t = 16)]
     search_rerank: usize,
@@ -317,6 +323,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if want("search") {
         search_section(&a)?;
     }
+    if want("ann") {
+        ann_section(&a)?;
+    }
     if want("pretrain") {
         // Pre-training's own sizes: 256 px, captions of up to 25 tokens, the MLM head.
         let mut pcfg = cfg.clone();
@@ -412,6 +421,51 @@ fn placeholder_vocab(size: usize) -> String {
         i += 1;
     }
     v.join("\n")
+}
+
+/// `albef search --ann` against the exact scan on random 256-d unit vectors (ALBEF's ITC size;
+/// no cluster structure, the hard case for a graph index): graph build time, latency of the top
+/// 10 for both, and recall@10 (the share of the exact top 10 that ANN returns) over 100 queries.
+fn ann_section(a: &BenchArgs) -> Result<()> {
+    use albef::tasks::search::{top_k, Ann};
+    use rand::Rng;
+    let (dim, queries) = (256, 100);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut unit = |n: usize| {
+        let mut v: Vec<f32> = (0..n * dim).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
+        for row in v.chunks_mut(dim) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+        v
+    };
+    for &n in &a.ann_sizes {
+        let features = unit(n);
+        let qs = unit(queries);
+        let index =
+            albef::tasks::search::Index { meta: Default::default(), paths: vec![String::new(); n], dim, features };
+        let start = Instant::now();
+        let ann = Ann::build(&index.features, dim, 10);
+        let build = start.elapsed().as_secs_f64();
+        let (mut t_exact, mut t_ann, mut found) = (0.0, 0.0, 0usize);
+        for q in qs.chunks(dim) {
+            let start = Instant::now();
+            let exact = top_k(&index.scores(q), 10);
+            t_exact += start.elapsed().as_secs_f64();
+            let start = Instant::now();
+            let approx = ann.top_k(q, 10);
+            t_ann += start.elapsed().as_secs_f64();
+            found += approx.iter().filter(|r| exact.contains(r)).count();
+        }
+        println!(
+            "albef search --ann over {n} vectors ({dim}-d), top 10: recall@10 {:.3} over {queries} queries; {:.2} ms/query  (baseline: the exact scan + top-k, {:.2} ms/query; ratio {:.3}x); graph built in {build:.1} s",
+            found as f64 / (10 * queries) as f64,
+            1e3 * t_ann / queries as f64,
+            1e3 * t_exact / queries as f64,
+            t_ann / t_exact
+        );
+    }
+    Ok(())
 }
 
 /// `albef index` and `albef search` through their own code, on the full-size model (random

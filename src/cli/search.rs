@@ -92,6 +92,10 @@ pub struct SearchArgs {
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Approximate search (an HNSW graph built in memory over the index's vectors) in place of
+    /// the exact scan: for large collections; at most 100 results (or --top + --rerank if more).
+    #[arg(long, conflicts_with = "texts")]
+    ann: bool,
 }
 
 pub fn search_cmd(a: SearchArgs) -> Result<()> {
@@ -104,7 +108,10 @@ pub fn search_cmd(a: SearchArgs) -> Result<()> {
         top: a.top,
         rerank: a.rerank,
     };
-    let searcher = Searcher::open(&opts)?;
+    let mut searcher = Searcher::open(&opts)?;
+    if a.ann {
+        searcher.build_ann(opts.top.max(opts.rerank.unwrap_or(0)));
+    }
     if let Some(file) = &a.texts {
         let query = a.query.unwrap_or_default();
         let hits = searcher.search_texts(&query, &read_texts(file)?, opts.top)?;

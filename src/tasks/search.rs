@@ -192,7 +192,7 @@ fn meta(db: &Connection, key: &str) -> Result<Option<String>> {
 }
 
 /// The model files and checkpoint identity an index was built with.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IndexMeta {
     pub checkpoint: PathBuf,
     pub config: PathBuf,
@@ -441,6 +441,44 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// A row of the index as a point of the HNSW graph: unit vectors, so 1 − cosine orders them as
+/// the exact scan's cosine does.
+#[derive(Clone)]
+struct UnitVector(Vec<f32>);
+
+impl instant_distance::Point for UnitVector {
+    fn distance(&self, other: &Self) -> f32 {
+        1.0 - self.0.iter().zip(&other.0).map(|(a, b)| a * b).sum::<f32>()
+    }
+}
+
+/// An approximate nearest-neighbour index (HNSW, `instant-distance`) over an index's features,
+/// built in memory when opened with `--ann`.
+pub struct Ann {
+    map: instant_distance::HnswMap<UnitVector, usize>,
+    /// Candidates kept per search (HNSW's `ef`); at most this many results.
+    pub ef: usize,
+}
+
+impl Ann {
+    /// Builds the graph over the rows of the row-major (N, `dim`) `features`, keeping `ef`
+    /// candidates per search (at least 100, the crate's default: recall falls quickly below it).
+    /// Seeded: the same features give the same graph.
+    pub fn build(features: &[f32], dim: usize, ef: usize) -> Self {
+        let ef = ef.max(100);
+        let points: Vec<UnitVector> = features.chunks(dim.max(1)).map(|r| UnitVector(r.to_vec())).collect();
+        let rows: Vec<usize> = (0..points.len()).collect();
+        let map = instant_distance::Builder::default().ef_construction(ef).ef_search(ef).seed(0).build(points, rows);
+        Self { map, ef }
+    }
+
+    /// The rows of (about) the `k` nearest to the unit vector `query`, nearest first.
+    pub fn top_k(&self, query: &[f32], k: usize) -> Vec<usize> {
+        let mut search = instant_distance::Search::default();
+        self.map.search(&UnitVector(query.to_vec()), &mut search).take(k).map(|item| *item.value).collect()
+    }
+}
+
 /// A search result.
 #[derive(Clone, Debug, Serialize)]
 pub struct Hit {
@@ -480,6 +518,8 @@ pub struct SearchOptions {
 pub struct Searcher {
     pub index: Index,
     pub encoder: Encoder,
+    /// Approximate search in place of the exact scan ([`Searcher::build_ann`]).
+    pub ann: Option<Ann>,
 }
 
 impl Searcher {
@@ -505,7 +545,17 @@ impl Searcher {
             device: opts.device.clone(),
         };
         let encoder = Encoder::load(&files)?;
-        Ok(Self { index, encoder })
+        Ok(Self { index, encoder, ann: None })
+    }
+
+    /// Searches approximately from now on: builds an HNSW graph over the index's features, for
+    /// queries of up to `max_results` results (top and re-rank).
+    pub fn build_ann(&mut self, max_results: usize) {
+        let n = self.index.paths.len();
+        eprintln!("building the approximate nearest-neighbour graph over {n} vectors");
+        let start = std::time::Instant::now();
+        self.ann = Some(Ann::build(&self.index.features, self.index.dim, max_results));
+        eprintln!("built in {:.1}s", start.elapsed().as_secs_f64());
     }
 
     pub fn search(&self, query: &Query, top: usize, rerank: Option<usize>) -> Result<Vec<Hit>> {
@@ -523,9 +573,26 @@ impl Searcher {
                 (feat.i(0)?.to_vec1::<f32>()?, None)
             }
         };
-        let itc = self.index.scores(&feat);
         let k = rerank.unwrap_or(0);
-        let order = top_k(&itc, top.max(k));
+        let (order, itc) = match &self.ann {
+            None => {
+                let itc = self.index.scores(&feat);
+                (top_k(&itc, top.max(k)), itc)
+            }
+            Some(ann) => {
+                if top.max(k) > ann.ef {
+                    bail!("--ann keeps {} candidates: ask for at most that many results", ann.ef);
+                }
+                let order = ann.top_k(&feat, top.max(k));
+                // Only the found rows' cosines (the rest are never read).
+                let mut itc = vec![f32::NAN; self.index.paths.len()];
+                let d = self.index.dim;
+                for &i in &order {
+                    itc[i] = self.index.features[i * d..(i + 1) * d].iter().zip(&feat).map(|(a, b)| a * b).sum();
+                }
+                (order, itc)
+            }
+        };
         let mut hits: Vec<Hit> = order
             .iter()
             .map(|&i| Hit { rank: 0, row: i, path: self.index.paths[i].clone(), score: itc[i], itc: itc[i], itm: None })
