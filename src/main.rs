@@ -56,6 +56,8 @@ enum Command {
     Launch(cli::tasks::LaunchArgs),
     /// The device checks in one command: fixture parity (fp32, bf16), fused ops, a tiny training run, the bench.
     Selftest(cli::selftest::SelftestArgs),
+    /// A local web page over an index: search, the photo large, questions (VQA) and Grad-CAM; JSON API behind it.
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() {
@@ -78,6 +80,7 @@ fn main() {
         Command::Search(a) => cli::search::search_cmd(a),
         Command::Launch(a) => cli::tasks::launch(a),
         Command::Selftest(a) => cli::selftest::run(a),
+        Command::Serve(a) => cli::serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -59,9 +59,16 @@ fn accumulated_steps_equal_steps_with_the_averaged_gradient() {
     let (store, w) = toy_store();
     let mut opt = AdamW::new(&store, 0.01).unwrap();
     let mut skipped = 0;
-    train_epoch(&loop_cfg(2), &mut opt, &mut skipped, 0, (0..batches).map(Ok), batches, |i: usize, _, _| {
-        Ok::<Losses, anyhow::Error>(vec![("loss", toy_loss(&w, i))])
-    })
+    train_epoch(
+        &loop_cfg(2),
+        &mut opt,
+        &mut skipped,
+        0,
+        (0..batches).map(Ok),
+        batches,
+        |i: usize, _, _| Ok::<Losses, anyhow::Error>(vec![("loss", toy_loss(&w, i))]),
+        |_, _, _, _| Ok(()),
+    )
     .unwrap();
     assert_eq!(opt.step, 3, "one optimizer step per window");
 
@@ -76,9 +83,16 @@ fn accumulated_steps_equal_steps_with_the_averaged_gradient() {
     // And it is not the plain per-batch run.
     let (plain, w3) = toy_store();
     let mut opt3 = AdamW::new(&plain, 0.01).unwrap();
-    train_epoch(&loop_cfg(1), &mut opt3, &mut 0, 0, (0..batches).map(Ok), batches, |i: usize, _, _| {
-        Ok::<Losses, anyhow::Error>(vec![("loss", toy_loss(&w3, i))])
-    })
+    train_epoch(
+        &loop_cfg(1),
+        &mut opt3,
+        &mut 0,
+        0,
+        (0..batches).map(Ok),
+        batches,
+        |i: usize, _, _| Ok::<Losses, anyhow::Error>(vec![("loss", toy_loss(&w3, i))]),
+        |_, _, _, _| Ok(()),
+    )
     .unwrap();
     assert_eq!(opt3.step, 5);
     assert_ne!(values(&store), values(&plain));
@@ -118,7 +132,17 @@ fn contrastive_micro_batches_keep_their_own_negatives_and_enqueue() {
 
     let model = retrieval_model();
     let mut opt = AdamW::new(&model.store, 0.02).unwrap();
-    train_epoch(&loop_cfg(2), &mut opt, &mut 0, 0, (0..2).map(Ok), 2, |k: usize, _, _| Ok(step(&model, k))).unwrap();
+    train_epoch(
+        &loop_cfg(2),
+        &mut opt,
+        &mut 0,
+        0,
+        (0..2).map(Ok),
+        2,
+        |k: usize, _, _| Ok(step(&model, k)),
+        |_, _, _, _| Ok(()),
+    )
+    .unwrap();
     assert_eq!(opt.step, 1);
 
     let by_hand = retrieval_model();

@@ -1,5 +1,5 @@
 //! A shortened `albef demo` end to end: it learns (R@1 far above chance) and every output file
-//! exists and parses.
+//! exists and parses (the per-step losses agree with the per-epoch log; the charts decode).
 
 use albef::tasks::demo::{run, DemoOptions};
 
@@ -32,10 +32,47 @@ fn short_demo_learns_and_writes_its_report() {
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["test"]["txt_r1"].as_f64().unwrap(), s.test["txt_r1"]);
-    let curves = image::open(dir.join("curves.png")).unwrap();
-    assert_eq!((curves.width(), curves.height()), (640, 360));
+    // losses.jsonl: one record per optimizer step, whose per-epoch means are log.txt's.
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("losses.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("losses.jsonl line {l:?}: {e}")))
+        .collect();
+    for (n, r) in steps.iter().enumerate() {
+        assert_eq!(r["step"].as_u64(), Some(n as u64 + 1), "{r}");
+    }
+    let epochs: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("log.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("epoch").is_some())
+        .collect();
+    assert_eq!(epochs.len(), 8);
+    for e in &epochs {
+        let of_epoch: Vec<&serde_json::Value> = steps.iter().filter(|r| r["epoch"] == e["epoch"]).collect();
+        assert!(!of_epoch.is_empty(), "no steps of epoch {}", e["epoch"]);
+        for key in ["loss_ita", "loss_itm"] {
+            let mean = of_epoch.iter().map(|r| r[key].as_f64().unwrap()).sum::<f64>() / of_epoch.len() as f64;
+            let logged = e[format!("train_{key}")].as_f64().unwrap();
+            assert!(
+                (mean - logged).abs() <= 1e-9 * logged.abs().max(1.0),
+                "epoch {}: {key} {mean} vs {logged}",
+                e["epoch"]
+            );
+        }
+    }
+    // Both charts decode at the chart size and show their lines (the first two series colours).
+    for name in ["curves.png", "loss_per_step.png"] {
+        let img = image::open(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}")).to_rgb8();
+        assert_eq!((img.width(), img.height()), albef::report::CHART_SIZE, "{name}");
+        for color in [[200, 40, 40], [40, 90, 200]] {
+            let n = img.pixels().filter(|p| p.0 == color).count();
+            assert!(n > 100, "{name}: only {n} pixels of {color:?}");
+        }
+    }
     let report = std::fs::read_to_string(&s.report).unwrap();
     assert!(report.contains("| test |") && report.contains("txt_r1") && report.contains("![curves](curves.png)"));
+    assert!(report.contains("![loss per step](loss_per_step.png)"));
     let shown: Vec<&str> =
         report.lines().filter_map(|l| l.strip_prefix("![test image ").and_then(|r| r.split("](").nth(1))).collect();
     assert_eq!(shown.len(), 4);

@@ -186,9 +186,16 @@ fn train_rank(f: &Fixture, rank: usize, comm: Comm, epochs: usize) -> Trained {
     let mut skipped = 0;
     for epoch in 0..epochs {
         let n = loader.num_batches(epoch as u64);
-        train_epoch(&loop_cfg, &mut p.optimizer, &mut skipped, epoch, loader.epoch(epoch as u64, 0), n, |b, a, rng| {
-            train_step(&ctx, b, a, rng)
-        })
+        train_epoch(
+            &loop_cfg,
+            &mut p.optimizer,
+            &mut skipped,
+            epoch,
+            loader.epoch(epoch as u64, 0),
+            n,
+            |b, a, rng| train_step(&ctx, b, a, rng),
+            |_, _, _, _| Ok(()),
+        )
         .unwrap();
     }
     snapshot(&p.model, &p.optimizer)

@@ -1,8 +1,8 @@
 //! Kill -9 anywhere: a tiny `albef retrieval` run is SIGKILLed at random moments (in training,
 //! validation, checkpoint and log writes, the final evaluation) and restarted with `--resume` each
 //! time; after every kill each checkpoint opens and `log.txt` has whole, unduplicated lines; at
-//! the end weights, optimizer state, run state and `log.txt` equal an uninterrupted run's bit for
-//! bit. A second run into a folder a live run holds is refused.
+//! the end weights, optimizer state, run state, `log.txt` and `losses.jsonl` equal an
+//! uninterrupted run's bit for bit. A second run into a folder a live run holds is refused.
 
 use albef::checkpoint::read_checkpoint;
 use albef::data::synth::{generate, SynthConfig};
@@ -111,6 +111,9 @@ fn assert_same_run(r: &Path, out: &Path) {
         std::fs::read_to_string(out.join("log.txt")).unwrap()
     );
     assert_eq!(std::fs::read(r.join("metrics.json")).unwrap(), std::fs::read(out.join("metrics.json")).unwrap());
+    let steps = std::fs::read_to_string(r.join("losses.jsonl")).unwrap();
+    assert!(!steps.is_empty());
+    assert_eq!(steps, std::fs::read_to_string(out.join("losses.jsonl")).unwrap(), "losses.jsonl differs");
 }
 
 #[test]

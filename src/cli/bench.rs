@@ -36,7 +36,9 @@ pub struct BenchArgs {
     text_len: usize,
     #[arg(long, default_value_t = 384)]
     image_res: usize,
-    /// Sections to run: throughput, vit, fusion, rerank, train, pretrain, vqa, mem.
+    /// Sections to run: throughput, vit, fusion, rerank, train, pretrain, vqa, mem, search (not by
+    /// default: it writes a full-size checkpoint and a photo folder to a temporary folder), ann (not
+    /// by default: builds HNSW graphs over `--ann-sizes` synthetic vectors).
     #[arg(long, value_delimiter = ',', default_value = "throughput,vit,fusion,rerank,train,pretrain,vqa,mem")]
     only: Vec<String>,
     /// Device of the throughput section (the other sections run on the CPU).
@@ -58,6 +60,23 @@ pub struct BenchArgs {
     /// Throughput section: timed repetitions.
     #[arg(long, default_value_t = 3)]
     tp_reps: usize,
+    /// Search section: the retrieval YAML that sizes the model (as `albef index --config`).
+    #[arg(long, default_value = "./configs/Retrieval_flickr.yaml")]
+    search_config: PathBuf,
+    /// Search section: photos (640×480 JPEG) indexed for the throughput figure.
+    #[arg(long, default_value_t = 32)]
+    search_images: usize,
+    /// Search section: index sizes (synthetic unit vectors) for the query latencies.
+    #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
+    search_sizes: Vec<usize>,
+    /// ANN section: index sizes (random 256-d unit vectors) for `search --ann` against exact
+    /// (building the graph over 10k took 336 s on this 2-core CPU; it grows a little faster
+    /// than the size).
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    ann_sizes: Vec<usize>,
+    /// Search section: the ITM re-rank depth measured beside the plain ITC query.
+    #[arg(long, default_value_t = 16)]
+    search_rerank: usize,
     /// Where the memory section writes its two full-size checkpoints (about 1.9 GB each; removed
     /// afterwards).
     #[arg(long)]
@@ -339,6 +358,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if want("mem") {
         mem_section(&a, &cfg)?;
     }
+    if want("search") {
+        search_section(&a)?;
+    }
+    if want("ann") {
+        ann_section(&a)?;
+    }
     if want("pretrain") {
         // Pre-training's own sizes: 256 px, captions of up to 25 tokens, the MLM head.
         let mut pcfg = cfg.clone();
@@ -600,4 +625,159 @@ fn throughput_inner(cfg: &ModelConfig, dev: &Device, precision: Precision, s: &S
     let per_sample = 3.0 * (f_image + f_text + 3.0 * f_fusion) + (f_image + f_text);
     out.push(figure(format!("retrieval training step, batch {b} @{res} px"), b as f64 / t, "samples", per_sample));
     Ok(out)
+}
+
+/// A WordPiece vocabulary of bert-base-uncased's size and special tokens (the search section
+/// times the text encoder, not the tokenizer, so its word pieces need not be real).
+fn placeholder_vocab(size: usize) -> String {
+    let mut v: Vec<String> = vec!["[PAD]".into()];
+    v.extend((1..100).map(|i| format!("[unused{i}]")));
+    v.extend(["[UNK]", "[CLS]", "[SEP]", "[MASK]"].map(String::from));
+    v.extend(["a", "dog", "running", "on", "the", "beach"].map(String::from));
+    let mut i = 0;
+    while v.len() < size {
+        v.push(format!("w{i}"));
+        i += 1;
+    }
+    v.join("\n")
+}
+
+/// `albef search --ann` against the exact scan on random 256-d unit vectors (ALBEF's ITC size;
+/// no cluster structure, the hard case for a graph index): graph build time, latency of the top
+/// 10 for both, and recall@10 (the share of the exact top 10 that ANN returns) over 100 queries.
+fn ann_section(a: &BenchArgs) -> Result<()> {
+    use albef::tasks::search::{top_k, Ann};
+    use rand::Rng;
+    let (dim, queries) = (256, 100);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut unit = |n: usize| {
+        let mut v: Vec<f32> = (0..n * dim).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
+        for row in v.chunks_mut(dim) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+        v
+    };
+    for &n in &a.ann_sizes {
+        let features = unit(n);
+        let qs = unit(queries);
+        let index =
+            albef::tasks::search::Index { meta: Default::default(), paths: vec![String::new(); n], dim, features };
+        let start = Instant::now();
+        let ann = Ann::build(&index.features, dim, 10);
+        let build = start.elapsed().as_secs_f64();
+        let (mut t_exact, mut t_ann, mut found) = (0.0, 0.0, 0usize);
+        for q in qs.chunks(dim) {
+            let start = Instant::now();
+            let exact = top_k(&index.scores(q), 10);
+            t_exact += start.elapsed().as_secs_f64();
+            let start = Instant::now();
+            let approx = ann.top_k(q, 10);
+            t_ann += start.elapsed().as_secs_f64();
+            found += approx.iter().filter(|r| exact.contains(r)).count();
+        }
+        println!(
+            "albef search --ann over {n} vectors ({dim}-d), top 10: recall@10 {:.3} over {queries} queries; {:.2} ms/query  (baseline: the exact scan + top-k, {:.2} ms/query; ratio {:.3}x); graph built in {build:.1} s",
+            found as f64 / (10 * queries) as f64,
+            1e3 * t_ann / queries as f64,
+            1e3 * t_exact / queries as f64,
+            t_ann / t_exact
+        );
+    }
+    Ok(())
+}
+
+/// `albef index` and `albef search` through their own code, on the full-size model (random
+/// weights): index throughput beside the image encoder alone, then ITC query latency over
+/// synthetic indexes of each `--search-sizes` (beside a plain matmul of the query against the
+/// matrix) and with the ITM re-rank of the top `--search-rerank`.
+fn search_section(a: &BenchArgs) -> Result<()> {
+    use albef::tasks::search::{index, IndexOptions, ModelFiles, Query, SearchOptions, Searcher};
+    use rand::Rng;
+    let dev = Device::Cpu;
+    let dir = std::env::temp_dir().join(format!("albef-bench-search-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("photos"))?;
+    let result = (|| -> Result<()> {
+        let mut cfg = albef::config::model_config_from_file(&a.search_config)?;
+        cfg.mode.inference = true;
+        let vocab = dir.join("vocab.txt");
+        std::fs::write(&vocab, placeholder_vocab(cfg.bert.vocab_size))?;
+        let checkpoint = dir.join("retrieval.safetensors");
+        {
+            let model = ContrastiveModel::new(&cfg, Objective::Retrieval, &dev, 0)?;
+            save_model(&model, Task::Retrieval, &checkpoint, &Default::default())?;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for i in 0..a.search_images {
+            let img = image::RgbImage::from_fn(640, 480, |x, y| {
+                image::Rgb([(x / 3 + i as u32 * 17) as u8, (y / 2) as u8, rng.random::<u8>() / 4 + 96])
+            });
+            img.save(dir.join("photos").join(format!("{i:05}.jpg")))?;
+        }
+        let model =
+            ModelFiles { checkpoint, config: a.search_config.clone(), text_encoder: vocab, device: dev.clone() };
+        let idx = dir.join("index.sqlite");
+        let opts = IndexOptions { model, images: dir.join("photos"), index: idx.clone(), batch_size: a.image_batch };
+        let s = index(&opts)?;
+        let searcher = Searcher::open(&SearchOptions {
+            index: idx,
+            checkpoint: None,
+            config: None,
+            text_encoder: None,
+            device: dev.clone(),
+            top: 10,
+            rerank: None,
+        })?;
+        let res = cfg.vision.image_res;
+        let batch = Tensor::randn(0f32, 1.0, (a.image_batch, 3, res, res), &dev)?;
+        let t_vit = time(1, || searcher.encoder.model.encode_image(&batch).map(|_| ()).map_err(Into::into))?;
+        println!(
+            "albef index, {} JPEG photos 640x480 @{res} px, batch {}: {:.2} images/s (read, hash, decode, transform, encode, SQLite)  (baseline: the image encoder alone, {:.2} images/s; ratio {:.2}x)",
+            s.encoded,
+            a.image_batch,
+            s.encoded as f64 / s.seconds,
+            a.image_batch as f64 / t_vit,
+            (s.seconds / s.encoded as f64) / (t_vit / a.image_batch as f64)
+        );
+
+        // Synthetic indexes: random unit vectors, every row naming one of the real photos (the
+        // re-rank reads its top-k files).
+        let mut searcher = searcher;
+        let photos = searcher.index.paths.clone();
+        let dim = searcher.index.dim;
+        let query = Query::Text("a dog running on the beach".into());
+        for &n in &a.search_sizes {
+            let normal = rand_distr::StandardNormal;
+            let mut features: Vec<f32> = (0..n * dim).map(|_| rng.sample::<f32, _>(normal)).collect();
+            for row in features.chunks_mut(dim) {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+            let matrix = Tensor::from_slice(&features, (n, dim), &dev)?;
+            searcher.index.features = features;
+            searcher.index.paths = (0..n).map(|i| photos[i % photos.len()].clone()).collect();
+            let q = Tensor::randn(0f32, 1.0, (dim, 1), &dev)?;
+            let t_floor = time(a.reps, || matrix.matmul(&q).map(|_| ()).map_err(Into::into))?;
+            let t_itc = time(a.reps, || searcher.search(&query, 10, None).map(|_| ()))?;
+            let unit = vec![1.0 / (dim as f32).sqrt(); dim];
+            let t_scan = time(a.reps, || {
+                albef::tasks::search::top_k(&searcher.index.scores(&unit), 10);
+                Ok(())
+            })?;
+            let t_rerank = time(1, || searcher.search(&query, 10, Some(a.search_rerank)).map(|_| ()))?;
+            println!(
+                "albef search over {n} vectors ({dim}-d), top 10: ITC {:.1} ms/query, of which the exact scan + top-k {:.1} ms  (baseline: the scan as one candle matmul, {:.1} ms; ratio {:.2}x); with --rerank {}: {:.0} ms/query",
+                1e3 * t_itc,
+                1e3 * t_scan,
+                1e3 * t_floor,
+                t_scan / t_floor,
+                a.search_rerank,
+                1e3 * t_rerank
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

@@ -7,6 +7,7 @@ pub mod data;
 pub mod demo;
 pub mod search;
 pub mod selftest;
+pub mod serve;
 pub mod tasks;
 
 use anyhow::{bail, Result};

@@ -1,6 +1,6 @@
 //! `albef index` and `albef search`: search a photo folder by text or by image.
 
-use albef::tasks::search::{index, IndexOptions, ModelFiles, Query, SearchOptions, Searcher};
+use albef::tasks::search::{index, read_texts, IndexOptions, ModelFiles, Query, SearchOptions, Searcher};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -71,6 +71,10 @@ pub struct SearchArgs {
     /// Image → image: find photos like this one.
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Text → text: rank these texts (one a line, or a JSON list of strings) by the query
+    /// instead of the photos (the index gives the model).
+    #[arg(long, conflicts_with_all = ["image", "rerank"])]
+    texts: Option<PathBuf>,
     #[arg(long, default_value_t = 10)]
     top: usize,
     /// Re-rank the ITC top K by the ITM head, as Retrieval.py's k_test.
@@ -88,6 +92,10 @@ pub struct SearchArgs {
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Approximate search (an HNSW graph built in memory over the index's vectors) in place of
+    /// the exact scan: for large collections; at most 100 results (or --top + --rerank if more).
+    #[arg(long, conflicts_with = "texts")]
+    ann: bool,
 }
 
 pub fn search_cmd(a: SearchArgs) -> Result<()> {
@@ -100,7 +108,24 @@ pub fn search_cmd(a: SearchArgs) -> Result<()> {
         top: a.top,
         rerank: a.rerank,
     };
-    let searcher = Searcher::open(&opts)?;
+    let mut searcher = Searcher::open(&opts)?;
+    if a.ann {
+        searcher.build_ann(opts.top.max(opts.rerank.unwrap_or(0)));
+    }
+    if let Some(file) = &a.texts {
+        let query = a.query.unwrap_or_default();
+        let hits = searcher.search_texts(&query, &read_texts(file)?, opts.top)?;
+        if a.json {
+            let out =
+                serde_json::json!({"query": {"text": query}, "texts": file.display().to_string(), "results": hits});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            for h in &hits {
+                println!("{:>4}  {:>9.4}  line {:<6} {}", h.rank, h.score, h.line, h.text);
+            }
+        }
+        return Ok(());
+    }
     let query = match (a.query, a.image) {
         (_, Some(p)) => Query::Image(p),
         (Some(q), None) => Query::Text(q),

@@ -4,9 +4,10 @@
 
 use crate::checkpoint::read_checkpoint;
 use crate::data::synth::{generate, vocab_size, SynthConfig};
-use crate::report::{line_chart, metrics_table, Series};
+use crate::report::{line_chart, metrics_table, Axis, Chart, Line};
 use crate::tasks::retrieval::{run as run_retrieval, RetrievalOptions};
 use crate::tasks::RunOptions;
+use crate::train::run::{read_step_losses, LOG, STEP_LOSSES};
 use crate::util::write_atomic;
 use crate::util::Metrics;
 use anyhow::{Context, Result};
@@ -150,7 +151,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let config_text = task_config(&data, &out, opts.epochs, opts.batch_size);
     write_atomic(&config, config_text.as_bytes())?;
     // A fresh run each time: old logs would mix with the new ones.
-    for stale in ["log.txt", "metrics.json"] {
+    for stale in [LOG, STEP_LOSSES, "metrics.json"] {
         let _ = std::fs::remove_file(out.join(stale));
     }
     let run = |config: PathBuf, output_dir: PathBuf| RunOptions {
@@ -167,7 +168,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let vqa = if opts.vqa_epochs > 0 {
         let vqa_out = out.join("vqa");
         std::fs::create_dir_all(&vqa_out)?;
-        let _ = std::fs::remove_file(vqa_out.join("log.txt"));
+        let _ = std::fs::remove_file(vqa_out.join(LOG));
+        let _ = std::fs::remove_file(vqa_out.join(STEP_LOSSES));
         let vqa_config_path = vqa_out.join("demo_vqa_config.yaml");
         write_atomic(&vqa_config_path, vqa_config(&data, &out, opts.vqa_epochs, opts.batch_size).as_bytes())?;
         let m = crate::tasks::vqa::run(&run(vqa_config_path, vqa_out))?;
@@ -180,6 +182,69 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     Ok(DemoSummary { vqa, test, val, seconds, report })
 }
 
+/// `curves.png`: per epoch of `log.txt`, the mean training losses and the validation r_mean.
+fn write_curves(out: &Path) -> Result<()> {
+    let log_path = out.join(LOG);
+    let log = std::fs::read_to_string(&log_path).with_context(|| format!("cannot read {}", log_path.display()))?;
+    let epochs: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r.get("epoch").is_some())
+        .collect();
+    let series = |key: &str| -> Vec<(f64, f64)> {
+        epochs.iter().filter_map(|r| Some((r["epoch"].as_f64()?, r.get(key)?.as_f64()?))).collect()
+    };
+    let losses = [("train_loss_ita", "ITC loss"), ("train_loss_itm", "ITM loss")];
+    let chart = Chart {
+        title: "albef demo: retrieval training".into(),
+        x_label: "epoch".into(),
+        left: Axis {
+            label: "mean training loss".into(),
+            lines: losses.iter().map(|(key, label)| Line { label: label.to_string(), points: series(key) }).collect(),
+            range: None,
+        },
+        right: Some(Axis {
+            label: "val r_mean (%)".into(),
+            lines: vec![Line { label: "val r_mean".into(), points: series("val_r_mean") }],
+            range: Some((0.0, 100.0)),
+        }),
+        integer_x: true,
+    };
+    line_chart(&chart, &out.join("curves.png"))
+}
+
+/// `loss_per_step.png`: every loss of every optimizer step (`losses.jsonl`), against the epoch
+/// (step `i` of an `n`-step epoch `e` at `e + (i + 1) / n`).
+fn write_step_losses(out: &Path) -> Result<()> {
+    let records = read_step_losses(&out.join(STEP_LOSSES))?;
+    let mut steps_per_epoch: std::collections::BTreeMap<u64, u64> = Default::default();
+    for r in &records {
+        let (e, i) = (r["epoch"].as_u64().unwrap_or(0), r["iter"].as_u64().unwrap_or(0));
+        let n = steps_per_epoch.entry(e).or_default();
+        *n = (*n).max(i + 1);
+    }
+    let x = |r: &serde_json::Map<String, Value>| {
+        let (e, i) = (r["epoch"].as_u64().unwrap_or(0), r["iter"].as_u64().unwrap_or(0));
+        e as f64 + (i + 1) as f64 / steps_per_epoch[&e] as f64
+    };
+    let losses = [("loss_ita", "ITC loss"), ("loss_itm", "ITM loss")];
+    let lines = losses
+        .iter()
+        .map(|(key, label)| Line {
+            label: label.to_string(),
+            points: records.iter().filter_map(|r| Some((x(r), r.get(*key)?.as_f64()?))).collect(),
+        })
+        .collect();
+    let chart = Chart {
+        title: format!("albef demo: training loss per step ({} steps)", records.len()),
+        x_label: "epoch".into(),
+        left: Axis { label: "loss".into(), lines, range: None },
+        right: None,
+        integer_x: false,
+    };
+    line_chart(&chart, &out.join("loss_per_step.png"))
+}
+
 fn write_report(
     out: &Path,
     data: &Path,
@@ -189,26 +254,8 @@ fn write_report(
     vqa: Option<&Metrics>,
     seconds: f64,
 ) -> Result<PathBuf> {
-    // Curves: mean training loss (ITC + ITM) and val r_mean per epoch.
-    let log = std::fs::read_to_string(out.join("log.txt"))?;
-    let epochs: Vec<Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r.get("epoch").is_some())
-        .collect();
-    let loss: Vec<f64> = epochs
-        .iter()
-        .map(|r| r["train_loss_ita"].as_f64().unwrap_or(0.0) + r["train_loss_itm"].as_f64().unwrap_or(0.0))
-        .collect();
-    let r_mean: Vec<f64> = epochs.iter().map(|r| r["val_r_mean"].as_f64().unwrap_or(0.0)).collect();
-    let max_loss = loss.iter().cloned().fold(1.0, f64::max);
-    line_chart(
-        &[
-            Series { values: &loss, color: [200, 40, 40], max: max_loss },
-            Series { values: &r_mean, color: [40, 90, 200], max: 100.0 },
-        ],
-        &out.join("curves.png"),
-    )?;
+    write_curves(out)?;
+    write_step_losses(out)?;
 
     // Examples: the first test images with their top captions.
     let scores = read_checkpoint(&out.join("scores_test.safetensors"), &Device::Cpu)?;
@@ -252,7 +299,8 @@ colour, count and yes/no questions about the same images, answers ranked over th
         "# albef demo\n\nA small ALBEF (ViT 64-wide, 3 blocks, patch 8 at 32 px; BERT 64-wide, 2 text + 2 fusion layers) trained \
 from random weights for image-text retrieval on synthetic shapes, with ITC + ITM and momentum distillation, on the CPU, in \
 {seconds:.0} s.\n\n## Results (R@K in %, 100 test images, {} captions)\n\n{table}\nChance R@1 is 1% image-to-text and 1% text-to-image.\n\n\
-{vqa_section}## Training curves\n\n![curves](curves.png)\n\nRed: mean training loss (ITC + ITM) per epoch, scaled to its maximum; blue: val r_mean (0–100).\n\n\
+{vqa_section}## Training curves\n\n![curves](curves.png)\n\nPer epoch (`log.txt`): the mean training losses (left axis) and the validation r_mean (right axis, %).\n\n\
+![loss per step](loss_per_step.png)\n\nPer optimizer step (`losses.jsonl`): each training loss.\n\n\
 ## Examples: top-3 retrieved captions (✓ = a caption of this image)\n\n{examples}## Config\n\n```yaml\n{config_text}```\n",
         texts.len()
     );

@@ -183,3 +183,69 @@ pub fn run(opts: &GradcamOptions) -> Result<Value> {
     crate::util::write_atomic(&opts.output_dir.join("gradcam.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
     Ok(index)
 }
+
+/// A grounding (or retrieval) model loaded for heat maps one at a time (`albef serve`).
+pub struct Grounder {
+    model: ContrastiveModel,
+    tokenizer: Tokenizer,
+    block: usize,
+}
+
+impl Grounder {
+    /// `block`: the BERT layer whose cross-attention is used; by default the notebook's 8, or the
+    /// last layer of a smaller model.
+    pub fn load(
+        config: &Path,
+        checkpoint: &Path,
+        text_encoder: &Path,
+        device: &Device,
+        block: Option<usize>,
+    ) -> Result<Self> {
+        let cfg = model_config_from_file(config)?;
+        let tokenizer = Tokenizer::from_path(text_encoder)?;
+        if tokenizer.vocab_size() != cfg.bert.vocab_size {
+            bail!(
+                "the tokenizer in {} has {} tokens but {} says vocab_size {}",
+                text_encoder.display(),
+                tokenizer.vocab_size(),
+                config.display(),
+                cfg.bert.vocab_size
+            );
+        }
+        let last = cfg.bert.num_hidden_layers.saturating_sub(1);
+        let block = block.unwrap_or(8.min(last));
+        if block < cfg.bert.fusion_layer || block > last {
+            bail!(
+                "block {block}: a BERT layer with cross-attention, {}..={last} for this model",
+                cfg.bert.fusion_layer
+            );
+        }
+        let model = ContrastiveModel::new(&cfg, Objective::Retrieval, device, 0)?;
+        load_checkpoint(&model, Task::Grounding, checkpoint, true, TeacherInit::FromLoaded)?;
+        Ok(Self { model, tokenizer, block })
+    }
+
+    /// The Grad-CAM of the whole `text` drawn over `image`, blurred as the notebook draws it. The
+    /// picture is at most `max_side` pixels wide or high (the blur costs grow with the area).
+    pub fn heatmap(&self, image: &RgbImage, text: &str, max_side: u32) -> Result<image::RgbImage> {
+        if pre_caption(text, 30).is_empty() {
+            bail!("the text is empty");
+        }
+        let m = pair_maps(&self.model, &self.tokenizer, image, text, self.block)?;
+        let shown = shrink(image, max_side);
+        Ok(overlay(&shown, &m.expression, m.grid.0, m.grid.1, true))
+    }
+}
+
+/// `img` scaled down (aspect kept) to fit in `max_side` × `max_side`; as it is when it fits.
+fn shrink(img: &RgbImage, max_side: u32) -> RgbImage {
+    let (w, h) = (img.width as u32, img.height as u32);
+    if w.max(h) <= max_side {
+        return img.clone();
+    }
+    let s = max_side as f64 / w.max(h) as f64;
+    let (nw, nh) = (((w as f64 * s).round() as u32).max(1), ((h as f64 * s).round() as u32).max(1));
+    let src = plain(img);
+    let small = image::imageops::resize(&src, nw, nh, image::imageops::FilterType::Triangle);
+    RgbImage { width: nw as usize, height: nh as usize, data: small.into_raw() }
+}

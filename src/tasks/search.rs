@@ -111,6 +111,41 @@ impl Encoder {
         let (states, feat) = self.model.encode_text(&ids, &mask)?;
         Ok((states, mask, feat.i(0)?.to_vec1::<f32>()?))
     }
+
+    /// Normalised ITC features of texts, prepared as [`Encoder::encode_query`] prepares a query.
+    fn encode_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(64) {
+            let captions: Vec<String> = chunk.iter().map(|t| pre_caption(t, TEXT_MAX_WORDS)).collect();
+            let (ids, mask) =
+                self.tokenizer.encode_batch(&captions, Padding::MaxLength(EVAL_TEXT_LEN)).to_tensors(&self.device())?;
+            out.extend(self.model.encode_text(&ids, &mask)?.1.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+/// A text → text result: a line of the texts searched.
+#[derive(Clone, Debug, Serialize)]
+pub struct TextHit {
+    pub rank: usize,
+    /// 1-based position in the list searched.
+    pub line: usize,
+    pub text: String,
+    /// Cosine of the ITC text features.
+    pub score: f32,
+}
+
+/// Reads the texts of `albef search --texts`: a JSON list of strings, or one text per line
+/// (blank lines skipped, their numbers kept).
+pub fn read_texts(path: &Path) -> Result<Vec<(usize, String)>> {
+    let raw = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if raw.trim_start().starts_with('[') {
+        let list: Vec<String> = serde_json::from_str(&raw)
+            .with_context(|| format!("{}: expected a JSON list of strings", path.display()))?;
+        return Ok(list.into_iter().enumerate().map(|(i, t)| (i + 1, t)).collect());
+    }
+    Ok(raw.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.to_string())).collect())
 }
 
 fn is_image(path: &Path) -> bool {
@@ -157,7 +192,7 @@ fn meta(db: &Connection, key: &str) -> Result<Option<String>> {
 }
 
 /// The model files and checkpoint identity an index was built with.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IndexMeta {
     pub checkpoint: PathBuf,
     pub config: PathBuf,
@@ -406,10 +441,51 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// A row of the index as a point of the HNSW graph: unit vectors, so 1 − cosine orders them as
+/// the exact scan's cosine does.
+#[derive(Clone)]
+struct UnitVector(Vec<f32>);
+
+impl instant_distance::Point for UnitVector {
+    fn distance(&self, other: &Self) -> f32 {
+        1.0 - self.0.iter().zip(&other.0).map(|(a, b)| a * b).sum::<f32>()
+    }
+}
+
+/// An approximate nearest-neighbour index (HNSW, `instant-distance`) over an index's features,
+/// built in memory when opened with `--ann`.
+pub struct Ann {
+    map: instant_distance::HnswMap<UnitVector, usize>,
+    /// Candidates kept per search (HNSW's `ef`); at most this many results.
+    pub ef: usize,
+}
+
+impl Ann {
+    /// Builds the graph over the rows of the row-major (N, `dim`) `features`, keeping `ef`
+    /// candidates per search (at least 100, the crate's default: recall falls quickly below it).
+    /// Seeded: the same features give the same graph.
+    pub fn build(features: &[f32], dim: usize, ef: usize) -> Self {
+        let ef = ef.max(100);
+        let points: Vec<UnitVector> = features.chunks(dim.max(1)).map(|r| UnitVector(r.to_vec())).collect();
+        let rows: Vec<usize> = (0..points.len()).collect();
+        let map = instant_distance::Builder::default().ef_construction(ef).ef_search(ef).seed(0).build(points, rows);
+        Self { map, ef }
+    }
+
+    /// The rows of (about) the `k` nearest to the unit vector `query`, nearest first.
+    pub fn top_k(&self, query: &[f32], k: usize) -> Vec<usize> {
+        let mut search = instant_distance::Search::default();
+        self.map.search(&UnitVector(query.to_vec()), &mut search).take(k).map(|item| *item.value).collect()
+    }
+}
+
 /// A search result.
 #[derive(Clone, Debug, Serialize)]
 pub struct Hit {
     pub rank: usize,
+    /// The image's row in [`Index::paths`] (its id in `albef serve`).
+    #[serde(skip)]
+    pub row: usize,
     pub path: String,
     /// The ranking score: the ITM logit for re-ranked hits, else the ITC cosine.
     pub score: f32,
@@ -442,6 +518,8 @@ pub struct SearchOptions {
 pub struct Searcher {
     pub index: Index,
     pub encoder: Encoder,
+    /// Approximate search in place of the exact scan ([`Searcher::build_ann`]).
+    pub ann: Option<Ann>,
 }
 
 impl Searcher {
@@ -467,7 +545,17 @@ impl Searcher {
             device: opts.device.clone(),
         };
         let encoder = Encoder::load(&files)?;
-        Ok(Self { index, encoder })
+        Ok(Self { index, encoder, ann: None })
+    }
+
+    /// Searches approximately from now on: builds an HNSW graph over the index's features, for
+    /// queries of up to `max_results` results (top and re-rank).
+    pub fn build_ann(&mut self, max_results: usize) {
+        let n = self.index.paths.len();
+        eprintln!("building the approximate nearest-neighbour graph over {n} vectors");
+        let start = std::time::Instant::now();
+        self.ann = Some(Ann::build(&self.index.features, self.index.dim, max_results));
+        eprintln!("built in {:.1}s", start.elapsed().as_secs_f64());
     }
 
     pub fn search(&self, query: &Query, top: usize, rerank: Option<usize>) -> Result<Vec<Hit>> {
@@ -485,12 +573,29 @@ impl Searcher {
                 (feat.i(0)?.to_vec1::<f32>()?, None)
             }
         };
-        let itc = self.index.scores(&feat);
         let k = rerank.unwrap_or(0);
-        let order = top_k(&itc, top.max(k));
+        let (order, itc) = match &self.ann {
+            None => {
+                let itc = self.index.scores(&feat);
+                (top_k(&itc, top.max(k)), itc)
+            }
+            Some(ann) => {
+                if top.max(k) > ann.ef {
+                    bail!("--ann keeps {} candidates: ask for at most that many results", ann.ef);
+                }
+                let order = ann.top_k(&feat, top.max(k));
+                // Only the found rows' cosines (the rest are never read).
+                let mut itc = vec![f32::NAN; self.index.paths.len()];
+                let d = self.index.dim;
+                for &i in &order {
+                    itc[i] = self.index.features[i * d..(i + 1) * d].iter().zip(&feat).map(|(a, b)| a * b).sum();
+                }
+                (order, itc)
+            }
+        };
         let mut hits: Vec<Hit> = order
             .iter()
-            .map(|&i| Hit { rank: 0, path: self.index.paths[i].clone(), score: itc[i], itc: itc[i], itm: None })
+            .map(|&i| Hit { rank: 0, row: i, path: self.index.paths[i].clone(), score: itc[i], itc: itc[i], itm: None })
             .collect();
         if k > 0 {
             let Some((states, mask)) = text else {
@@ -510,6 +615,23 @@ impl Searcher {
             h.rank = r + 1;
         }
         Ok(hits)
+    }
+
+    /// Text → text: `texts` (line number, text) ranked by the cosine of their ITC text features
+    /// with the query's.
+    pub fn search_texts(&self, query: &str, texts: &[(usize, String)], top: usize) -> Result<Vec<TextHit>> {
+        if query.trim().is_empty() {
+            bail!("the query is empty");
+        }
+        let (_, _, q) = self.encoder.encode_query(query)?;
+        let owned: Vec<String> = texts.iter().map(|(_, t)| t.clone()).collect();
+        let feats = self.encoder.encode_texts(&owned)?;
+        let scores: Vec<f32> = feats.iter().map(|f| f.iter().zip(&q).map(|(a, b)| a * b).sum()).collect();
+        Ok(top_k(&scores, top)
+            .into_iter()
+            .enumerate()
+            .map(|(r, i)| TextHit { rank: r + 1, line: texts[i].0, text: texts[i].1.clone(), score: scores[i] })
+            .collect())
     }
 
     /// ITM class-1 logits of the query against the hits' images (re-read from their files).

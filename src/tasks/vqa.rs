@@ -177,3 +177,77 @@ impl TaskSpec for Vqa {
         Ok(Report { metrics: out, log })
     }
 }
+
+/// A VQA model loaded for questions one at a time (`albef serve`): the answer list encoded once,
+/// each question ranked as [`evaluate`] ranks the test set (`pre_question`, `rank_answer` over
+/// the config's `k_test` candidates).
+pub struct Answerer {
+    model: VqaModel,
+    tokenizer: Tokenizer,
+    answers: Vec<String>,
+    answer_ids: Tensor,
+    answer_mask: Tensor,
+    k_test: usize,
+}
+
+/// One ranked answer and its probability (softmax over the `k_test` re-ranked candidates).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Answer {
+    pub answer: String,
+    pub probability: f32,
+}
+
+impl Answerer {
+    /// `config`: the VQA YAML the checkpoint was trained with (it sizes the model and names the
+    /// answer list).
+    pub fn load(
+        config: &std::path::Path,
+        checkpoint: &std::path::Path,
+        text_encoder: &std::path::Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = crate::config::Config::<VqaKeys>::load(config, false)?;
+        let mut model_cfg = cfg.model_config()?;
+        model_cfg.mode.inference = true;
+        let tokenizer = Tokenizer::from_path(text_encoder)?;
+        if tokenizer.vocab_size() != model_cfg.bert.vocab_size {
+            anyhow::bail!(
+                "the tokenizer in {} has {} tokens but {} says vocab_size {}",
+                text_encoder.display(),
+                tokenizer.vocab_size(),
+                config.display(),
+                model_cfg.bert.vocab_size
+            );
+        }
+        let answers = read_answer_list(&cfg.resolve(&cfg.data.answer_list)?)?;
+        let eos = cfg.task.eos.clone().unwrap_or_else(|| "[SEP]".into());
+        let model = VqaModel::new(&model_cfg, device, 0)?;
+        super::load_checkpoint(&model, Task::Vqa, checkpoint, true, super::TeacherInit::FromLoaded)?;
+        let with_eos: Vec<String> = answers.iter().map(|a| format!("{a}{eos}")).collect();
+        let (answer_ids, answer_mask) =
+            tokenizer.encode_batch(&with_eos, Padding::Longest { truncate_to: None }).to_tensors(device)?;
+        Ok(Self { model, tokenizer, answers, answer_ids, answer_mask, k_test: cfg.task.k_test })
+    }
+
+    /// The `top` best answers to `question` about `image`, best first.
+    pub fn answer(&self, image: &crate::data::transform::RgbImage, question: &str, top: usize) -> Result<Vec<Answer>> {
+        let question = crate::data::text::pre_question(question, 50);
+        if question.is_empty() {
+            anyhow::bail!("the question is empty");
+        }
+        let dev = self.model.store.device().clone();
+        let res = self.model.cfg.vision.image_res;
+        let pixels = crate::data::transform::eval_transform_host(image, res);
+        let images = image_batch(std::iter::once(pixels.as_slice()), res, &dev)?;
+        let (q_ids, q_mask) =
+            self.tokenizer.encode_batch(&[question], Padding::Longest { truncate_to: None }).to_tensors(&dev)?;
+        let states = self.model.question_states(&images, &q_ids, &q_mask)?;
+        let ranking = self.model.rank_answers(&states, &q_mask, &self.answer_ids, &self.answer_mask, self.k_test)?;
+        Ok(ranking.ids[0]
+            .iter()
+            .zip(&ranking.probs[0])
+            .take(top)
+            .map(|(&i, &p)| Answer { answer: self.answers[i].clone(), probability: p })
+            .collect())
+    }
+}

@@ -88,6 +88,7 @@ pub fn fit<S: BatchSource + ?Sized>(
     if cfg.resume {
         // A run killed after logging an epoch but before its checkpoint redoes that epoch.
         cfg.run.truncate_log(state.epochs_done)?;
+        cfg.run.truncate_step_losses(state.epochs_done)?;
     }
     let last_epoch = cfg.stop_after_epoch.map_or(cfg.epochs, |n| n.min(cfg.epochs));
     let mut best_val = None;
@@ -104,6 +105,15 @@ pub fn fit<S: BatchSource + ?Sized>(
             source.batches(epoch as u64)?,
             iters,
             &mut step,
+            |iter, step, lr, losses| {
+                let mut record = serde_json::Map::new();
+                record.insert("epoch".into(), json!(epoch));
+                record.insert("iter".into(), json!(iter));
+                record.insert("step".into(), json!(step));
+                record.insert("lr".into(), json!(lr));
+                record.extend(losses.iter().map(|(k, v)| (k.to_string(), json!(v))));
+                cfg.run.log_step(&serde_json::Value::Object(record))
+            },
         )?;
         let extra = stats(epoch)?;
         let val = validate(epoch)?;
@@ -122,6 +132,7 @@ pub fn fit<S: BatchSource + ?Sized>(
         if !store.all_finite()? {
             bail!("the model's parameters became non-finite during epoch {epoch}; checkpoint_last holds the last good epoch");
         }
+        cfg.run.sync_step_losses()?;
         cfg.run.log(&serde_json::Value::Object(record))?;
         state.epochs_done = epoch + 1;
         state.optimizer_step = optimizer.step;

@@ -76,7 +76,9 @@ impl LoopConfig {
 /// Returns the epoch means of every loss and the last learning rate, keyed `lr` and by loss name.
 /// A non-finite loss or gradient norm stops it with an error naming epoch, iteration and loss,
 /// unless `skipped` (the run's count so far) is below `cfg.skip_nonfinite`: then the step is
-/// skipped, counted, and the epoch goes on.
+/// skipped, counted, and the epoch goes on. After each applied iteration (micro-batch) `on_step(iteration, optimizer
+/// steps so far, lr, losses)` sees the step's loss values.
+#[allow(clippy::too_many_arguments)]
 pub fn train_epoch<B, I, F>(
     cfg: &LoopConfig,
     optimizer: &mut AdamW,
@@ -85,6 +87,7 @@ pub fn train_epoch<B, I, F>(
     batches: I,
     iters_per_epoch: usize,
     mut step: F,
+    mut on_step: impl FnMut(usize, u64, f64, &[(&'static str, f64)]) -> Result<()>,
 ) -> Result<BTreeMap<String, f64>>
 where
     I: Iterator<Item = Result<B>>,
@@ -168,6 +171,7 @@ where
                 }
             }
         }
+        on_step(i, optimizer.step, lr, &values)?;
         let mut shown = Vec::new();
         for (name, v) in values {
             *sums.entry(name).or_default() += v;

@@ -1,4 +1,5 @@
-//! A run's output folder: `log.txt` (one JSON object per epoch, like the reference), the resolved
+//! A run's output folder: `log.txt` (one JSON object per epoch, like the reference), `losses.jsonl`
+//! (one per optimizer step), the resolved
 //! config, `metrics.json`, and checkpoints written atomically, with what resuming needs.
 
 use crate::checkpoint::{albef_metadata, read_checkpoint, save_safetensors, StateDict};
@@ -14,6 +15,22 @@ use std::path::{Path, PathBuf};
 
 pub const LAST: &str = "checkpoint_last.safetensors";
 pub const BEST: &str = "checkpoint_best.safetensors";
+/// One JSON object per epoch.
+pub const LOG: &str = "log.txt";
+/// One JSON object per optimizer step: `epoch`, `iter` (in the epoch), `step` (optimizer steps
+/// so far), `lr` and each loss.
+pub const STEP_LOSSES: &str = "losses.jsonl";
+
+/// The records of a `losses.jsonl`, in order; a line that does not parse is an error naming it.
+pub fn read_step_losses(path: &Path) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}, line {}: not a JSON object", path.display(), i + 1))
+        })
+        .collect()
+}
 
 /// Progress of a run, stored in the last checkpoint.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -90,10 +107,32 @@ impl RunDir {
     /// Appends one JSON object as a line of `log.txt`: one `write` of the whole line, synced, so
     /// that a kill leaves no torn line; a failed write (disk full) is cut off again.
     pub fn log(&self, record: &serde_json::Value) -> Result<()> {
+        self.append_line(LOG, record, true)
+    }
+
+    /// Appends one optimizer step's record to `losses.jsonl`, as [`RunDir::log`] does but not
+    /// synced: [`RunDir::sync_step_losses`] syncs once an epoch, before the epoch's `log.txt` line
+    /// (a kill loses at most the steps of the epoch that a resumed run does again).
+    pub fn log_step(&self, record: &serde_json::Value) -> Result<()> {
+        self.append_line(STEP_LOSSES, record, false)
+    }
+
+    pub fn sync_step_losses(&self) -> Result<()> {
         if !self.is_primary() {
             return Ok(());
         }
-        let path = self.file("log.txt");
+        let path = self.file(STEP_LOSSES);
+        if let Ok(f) = std::fs::OpenOptions::new().append(true).open(&path) {
+            f.sync_data().with_context(|| format!("cannot sync {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn append_line(&self, name: &str, record: &serde_json::Value, sync: bool) -> Result<()> {
+        if !self.is_primary() {
+            return Ok(());
+        }
+        let path = self.file(name);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,9 +140,30 @@ impl RunDir {
             .with_context(|| format!("cannot open {}", path.display()))?;
         let before = f.metadata()?.len();
         let line = format!("{record}\n");
-        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
+        let written = f.write_all(line.as_bytes()).and_then(|_| if sync { f.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
             let _ = f.set_len(before);
             return Err(e).with_context(|| format!("cannot write {} (disk full?)", path.display()));
+        }
+        Ok(())
+    }
+
+    /// Keeps the `losses.jsonl` lines of epochs before `epochs_done` (a resumed run does the
+    /// others again), atomically; a torn last line (power loss) goes too.
+    pub fn truncate_step_losses(&self, epochs_done: usize) -> Result<()> {
+        if !self.is_primary() {
+            return Ok(());
+        }
+        let path = self.file(STEP_LOSSES);
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let epoch_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok()?.get("epoch")?.as_u64();
+        let kept: String = text
+            .lines()
+            .filter(|l| epoch_of(l).is_some_and(|e| e < epochs_done as u64))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if kept.len() < text.len() {
+            write_atomic(&path, kept.as_bytes())?;
         }
         Ok(())
     }
@@ -114,7 +174,7 @@ impl RunDir {
         if !self.is_primary() {
             return Ok(());
         }
-        let path = self.file("log.txt");
+        let path = self.file(LOG);
         let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
         let lines: Vec<&str> = text.lines().collect();
         let epoch_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok()?.get("epoch")?.as_u64();
