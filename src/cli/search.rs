@@ -60,6 +60,21 @@ pub fn index_cmd(a: IndexArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where the model of an index comes from, when not from the files the index names
+/// (`albef search` and `albef serve`).
+#[derive(Args, Clone)]
+pub struct IndexModelArgs {
+    /// In place of the checkpoint the index names (it must be the same file content).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// In place of the config the index names.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// In place of the text encoder folder the index names.
+    #[arg(long = "text_encoder", alias = "text-encoder")]
+    pub text_encoder: Option<PathBuf>,
+}
+
 #[derive(Args)]
 pub struct SearchArgs {
     /// The index `albef index` wrote.
@@ -80,13 +95,8 @@ pub struct SearchArgs {
     /// Re-rank the ITC top K by the ITM head, as Retrieval.py's k_test.
     #[arg(long)]
     rerank: Option<usize>,
-    /// In place of the checkpoint the index names (it must be the same file content).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[arg(long = "text_encoder", alias = "text-encoder")]
-    text_encoder: Option<PathBuf>,
+    #[command(flatten)]
+    model: IndexModelArgs,
     #[arg(long, default_value = "cpu")]
     device: String,
     /// JSON instead of a table.
@@ -101,9 +111,9 @@ pub struct SearchArgs {
 pub fn search_cmd(a: SearchArgs) -> Result<()> {
     let opts = SearchOptions {
         index: a.index,
-        checkpoint: a.checkpoint,
-        config: a.config,
-        text_encoder: a.text_encoder,
+        checkpoint: a.model.checkpoint,
+        config: a.model.config,
+        text_encoder: a.model.text_encoder,
         device: super::device(&a.device)?,
         top: a.top,
         rerank: a.rerank,

@@ -65,13 +65,8 @@ pub struct ServeArgs {
     /// Re-rank the ITC top K of each search by the ITM head.
     #[arg(long)]
     rerank: Option<usize>,
-    /// In place of the checkpoint the index names (it must be the same file content).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[arg(long = "text_encoder", alias = "text-encoder")]
-    text_encoder: Option<PathBuf>,
+    #[command(flatten)]
+    model: super::search::IndexModelArgs,
     /// The address to listen on: loopback by default, so that only this machine sees the photos.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
@@ -410,9 +405,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let device = super::device(&a.device)?;
     let opts = SearchOptions {
         index: a.index.clone(),
-        checkpoint: a.checkpoint.clone(),
-        config: a.config.clone(),
-        text_encoder: a.text_encoder.clone(),
+        checkpoint: a.model.checkpoint.clone(),
+        config: a.model.config.clone(),
+        text_encoder: a.model.text_encoder.clone(),
         device: device.clone(),
         top: 10,
         rerank: a.rerank,
@@ -422,7 +417,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let info = (searcher.index.paths.clone(), searcher.index.meta.clone());
         Ok((searcher, info))
     })?;
-    let text_encoder = a.text_encoder.unwrap_or(meta.text_encoder);
+    let text_encoder = a.model.text_encoder.unwrap_or(meta.text_encoder);
     let vqa = match (a.vqa_checkpoint, a.vqa_config) {
         (Some(c), Some(cfg)) => {
             let (te, dev) = (text_encoder.clone(), device.clone());
@@ -437,9 +432,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         (Some(_), None) => bail!("--vqa-checkpoint needs --vqa-config VQA.yaml: the config it was trained with (it sizes the model and names the answer list)"),
         (None, Some(_)) => bail!("--vqa-config needs --vqa-checkpoint"),
     };
-    let checkpoint = a.checkpoint.clone().unwrap_or(meta.checkpoint);
+    let checkpoint = a.model.checkpoint.clone().unwrap_or(meta.checkpoint);
     let grounding_checkpoint = a.grounding_checkpoint.unwrap_or_else(|| checkpoint.clone());
-    let grounding_config = a.grounding_config.or(a.config).unwrap_or(meta.config);
+    let grounding_config = a.grounding_config.or(a.model.config).unwrap_or(meta.config);
     let (gc, block) = (grounding_checkpoint.clone(), a.block_num);
     let (gradcam, ()) = Worker::start("Grad-CAM", move || {
         let grounder = Grounder::load(&grounding_config, &gc, &text_encoder, &device, block)

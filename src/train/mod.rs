@@ -76,8 +76,8 @@ impl LoopConfig {
 /// Returns the epoch means of every loss and the last learning rate, keyed `lr` and by loss name.
 /// A non-finite loss or gradient norm stops it with an error naming epoch, iteration and loss,
 /// unless `skipped` (the run's count so far) is below `cfg.skip_nonfinite`: then the step is
-/// skipped, counted, and the epoch goes on. After each applied iteration (micro-batch) `on_step(iteration, optimizer
-/// steps so far, lr, losses)` sees the step's loss values.
+/// skipped, counted, and the epoch goes on. After each applied iteration (micro-batch)
+/// `on_step(iteration, optimizer steps so far, lr, losses)` sees the step's loss values.
 #[allow(clippy::too_many_arguments)]
 pub fn train_epoch<B, I, F>(
     cfg: &LoopConfig,
