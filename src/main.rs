@@ -5,6 +5,13 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h` (libmimalloc-sys 0.1.49 names no
+/// constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 #[derive(Parser)]
 #[command(
     name = "albef",
@@ -61,6 +68,10 @@ enum Command {
 }
 
 fn main() {
+    // Keep freed memory for reuse: a training step frees and reallocates gigabytes of activations,
+    // and memory handed back is faulted in again page by page (-1: never purge).
+    // SAFETY: sets a process-wide allocator option; no other thread runs yet.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Checkpoint(c) => cli::checkpoint::run(c),

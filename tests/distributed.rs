@@ -130,7 +130,7 @@ fn values(t: &Tensor) -> Vec<f32> {
 fn snapshot(model: &ContrastiveModel, optimizer: &AdamW) -> Trained {
     Trained {
         model: model.store.named_tensors().iter().map(|(k, t)| (k.clone(), values(t))).collect(),
-        optimizer: optimizer.state().iter().map(|(k, t)| (k.clone(), values(t))).collect(),
+        optimizer: optimizer.state().unwrap().iter().map(|(k, t)| (k.clone(), values(t))).collect(),
     }
 }
 

@@ -144,7 +144,7 @@ impl Layer {
         if let (Some(attn), Some((states, cmask))) = (&self.cross, cross) {
             h = attn.forward(&h, states, cmask, train)?;
         }
-        let ff = self.output.forward(&self.intermediate.forward(&h)?.gelu_erf()?)?;
+        let ff = self.output.forward(&crate::nn::gelu(&self.intermediate.forward(&h)?)?)?;
         self.norm.forward(&(dropout(&ff, self.hidden_dropout, train)? + h)?)
     }
 
@@ -159,7 +159,7 @@ impl Layer {
         let h = self.attention.forward(x, x, Some(mask), false)?;
         let Some(cross) = &self.cross else { candle_core::bail!("this BERT layer has no cross-attention") };
         let (h, probs) = cross.forward_probe(&h, states, None, perturb)?;
-        let ff = self.output.forward(&self.intermediate.forward(&h)?.gelu_erf()?)?;
+        let ff = self.output.forward(&crate::nn::gelu(&self.intermediate.forward(&h)?)?)?;
         Ok((self.norm.forward(&(ff + h)?)?, probs))
     }
 }
@@ -369,11 +369,11 @@ impl MlmHead {
 
     /// (…, D) → (…, V) logits.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        let t = self.norm.forward(&self.dense.forward(h)?.gelu_erf()?)?;
+        let t = self.norm.forward(&crate::nn::gelu(&self.dense.forward(h)?)?)?;
         let dims = t.dims().to_vec();
         let d = *dims.last().unwrap();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let logits = crate::nn::matmul(&t.reshape((rows, d))?, &self.decoder_weight.t()?)?.broadcast_add(&self.bias)?;
+        let logits = crate::nn::linear(&t.reshape((rows, d))?, &self.decoder_weight, Some(&self.bias))?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.bias.dim(0)?;
         logits.reshape(out)

@@ -1,8 +1,10 @@
 //! Momentum ("teacher") copies and the ITC feature queues.
 
 use crate::dist::Comm;
+use crate::nn::profile::{self, Kind};
 use crate::nn::{Init, ParamBuilder, ParamStore};
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
 /// A momentum copy of a model branch with the EMA that keeps it, built the same way for every
@@ -66,13 +68,20 @@ impl Ema {
     }
 
     /// `θ_m ← m·θ_m + (1 − m)·θ`, done before the teacher's forward at every training step.
+    /// On the CPU one in-place, multi-threaded pass per tensor (PyTorch's `mul_`/`add_`).
     pub fn update(&self) -> Result<()> {
-        for (online, m) in &self.pairs {
-            let new =
-                ((m.as_tensor().detach() * self.momentum)? + (online.as_tensor().detach() * (1.0 - self.momentum))?)?;
-            m.set(&new)?;
-        }
-        Ok(())
+        profile::time(Kind::Ema, || {
+            for (online, m) in &self.pairs {
+                let (t, o) = (m.as_tensor(), online.as_tensor());
+                if t.device().is_cpu() && t.dtype() == DType::F32 && o.dtype() == DType::F32 {
+                    t.inplace_op2(o, &EmaStep { momentum: self.momentum })?;
+                    continue;
+                }
+                let new = ((t.detach() * self.momentum)? + (o.detach() * (1.0 - self.momentum))?)?;
+                m.set(&new)?;
+            }
+            Ok(())
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -81,6 +90,29 @@ impl Ema {
 
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()
+    }
+}
+
+/// `θ_m ← m·θ_m + (1 − m)·θ` in place of θ_m, in the f32 arithmetic of the tensor form.
+struct EmaStep {
+    momentum: f64,
+}
+
+impl InplaceOp2 for EmaStep {
+    fn name(&self) -> &'static str {
+        "albef-ema"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
+        let (CpuStorage::F32(t), CpuStorage::F32(o)) = (dst, src) else { candle_core::bail!("ema: f32 only") };
+        let (Some((t0, t1)), Some((o0, o1))) = (dst_l.contiguous_offsets(), src_l.contiguous_offsets()) else {
+            candle_core::bail!("ema: the parameters must be contiguous")
+        };
+        let (keep, take) = (self.momentum as f32, (1.0 - self.momentum) as f32);
+        t[t0..t1].par_chunks_mut(1 << 14).zip(o[o0..o1].par_chunks(1 << 14)).for_each(|(t, o)| {
+            t.iter_mut().zip(o).for_each(|(t, &o)| *t = *t * keep + o * take);
+        });
+        Ok(())
     }
 }
 

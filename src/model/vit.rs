@@ -38,7 +38,7 @@ impl Block {
         let k = qkv.narrow(2, d, d)?;
         let v = qkv.narrow(2, 2 * d, d)?;
         let x = (x + self.proj.forward(&attention(&q, &k, &v, self.heads, None)?)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = crate::nn::gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }
 
@@ -54,7 +54,7 @@ impl Block {
             None => probs.as_tensor().clone(),
         };
         let x = (x + self.proj.forward(&attention_context(&read, &v, self.heads)?)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = crate::nn::gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         Ok(((x + self.fc2.forward(&h)?)?, probs))
     }
 }
@@ -104,7 +104,7 @@ impl VisionTransformer {
             image.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b * gh * gw, c * p * p))?;
         let d = self.cfg.embed_dim;
         let w2 = self.patch_weight.reshape((d, c * p * p))?;
-        crate::nn::matmul(&patches, &w2.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))
+        crate::nn::linear(&patches, &w2, Some(&self.patch_bias))?.reshape((b, gh * gw, d))
     }
 
     pub fn forward(&self, image: &Tensor) -> Result<Tensor> {

@@ -6,7 +6,10 @@
 //! forms serve every other device and dtype; tests check that both agree.
 
 mod fused;
+mod gemm;
 mod params;
+pub mod profile;
+mod simd;
 
 pub use params::{Init, ParamBuilder, ParamStore, StoreMode};
 
@@ -78,9 +81,33 @@ pub fn with_precision<T>(p: Precision, f: impl FnOnce() -> T) -> T {
 /// widened to f32. The gradients flow back through the casts as f32.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match precision() {
+        Precision::Fp32 if own_gemm(&[a, b]) => a.apply_op2(b, gemm::MatMul { scale: 1.0 }),
         Precision::Fp32 => a.matmul(b),
         Precision::Bf16 => a.to_dtype(DType::BF16)?.matmul(&b.to_dtype(DType::BF16)?)?.to_dtype(DType::F32),
     }
+}
+
+/// True when the products go through `nn::gemm` (f32 on the CPU, fp32 precision).
+fn own_gemm(ts: &[&Tensor]) -> bool {
+    precision() == Precision::Fp32 && ts.iter().all(|t| fused::usable(t))
+}
+
+/// `x·weightᵀ + bias` for 2-D x (rows, in) and weight (out, in), in the thread's precision; on
+/// the CPU in fp32 the bias is added in the product's own pass.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) if own_gemm(&[x, weight, b]) => x.apply_op3(weight, b, gemm::Linear),
+        Some(b) => matmul(x, &weight.t()?)?.broadcast_add(b),
+        None => matmul(x, &weight.t()?),
+    }
+}
+
+/// The reference's exact (erf) GELU.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fused::usable(x) {
+        return x.contiguous()?.apply_op1(fused::Gelu);
+    }
+    x.gelu_erf()
 }
 
 /// `x` in f32: LayerNorm, softmax and log-softmax compute in f32 whatever their input, as
@@ -165,6 +192,10 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !train || p == 0.0 {
         return Ok(x.clone());
     }
+    if fused::usable(x) {
+        let seed = DROPOUT_RNG.with(|r| rand::Rng::random::<u64>(&mut *r.borrow_mut()));
+        return x.contiguous()?.apply_op1(fused::Dropout { p, seed });
+    }
     let n = x.elem_count();
     let scale = 1.0 / (1.0 - p);
     let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
@@ -192,11 +223,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has at least one dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref())?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
         y.reshape(out_dims)
@@ -273,6 +300,23 @@ fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 /// softmax(q·kᵀ/√dh + mask): (B, H, Lq, Lk).
 pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let head_dim = q.dim(2)? / heads;
+    if own_gemm(&[q, k]) {
+        // Scores straight from the packed heads, each head's softmax (and mask) run on them while
+        // they are in cache.
+        let op = gemm::AttentionProbs { heads, scale: (1.0 / (head_dim as f64).sqrt()) as f32 };
+        return match mask {
+            Some(m) if m.rank() == 4 && m.dim(1)? == 1 && fused::usable(m) => {
+                let (_, _, mq, lk) = m.dims4()?;
+                let m = m.broadcast_as((q.dim(0)?, 1, mq, lk))?.contiguous()?;
+                q.apply_op3(k, &m, op)
+            }
+            Some(m) => {
+                let scores = q.apply_op2(k, gemm::HeadScores { heads, scale: op.scale })?;
+                softmax(&scores.broadcast_add(m)?)
+            }
+            None => q.apply_op2(k, op),
+        };
+    }
     // Scaling q (L·dh values) instead of the scores (L·L) is exact for the usual power-of-two
     // head sizes and much cheaper.
     let q = (split_heads(q, heads)? * (1.0 / (head_dim as f64).sqrt()))?;
@@ -287,6 +331,9 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, mask: Option<&Tenso
 
 /// probs·v merged back to (B, Lq, H·dh).
 pub fn attention_context(probs: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if own_gemm(&[probs, v]) {
+        return probs.apply_op2(v, gemm::HeadContext { heads, scale: 1.0 });
+    }
     let (b, _, d) = v.dims3()?;
     let v = split_heads(v, heads)?;
     let ctx = matmul(probs, &v)?;

@@ -47,7 +47,7 @@ pub fn sync_run_state(
 ) -> Result<()> {
     sync_model(comm, store)?;
     let mut moments = StateDict::new();
-    for (name, t) in optimizer.state() {
+    for (name, t) in optimizer.state()? {
         moments.insert(name, comm.broadcast(&t, 0)?);
     }
     let bytes = comm.broadcast_bytes(&serde_json::to_vec(&*state)?, 0)?;

@@ -2,16 +2,118 @@
 //! for 1-D tensors and biases, `weight_decay` for everything else (0-D `temp` included).
 
 use crate::checkpoint::StateDict;
+use crate::nn::profile::{self, Kind};
 use crate::nn::ParamStore;
 use anyhow::{Context, Result};
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// The first and second moments of one parameter.
+enum Moments {
+    /// f32 parameters on the CPU: plain buffers, updated with the parameter in one in-place,
+    /// multi-threaded pass (as PyTorch's in-place `step`), no temporaries.
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Elsewhere: tensors, updated with whole-tensor ops.
+    Device { m: Tensor, v: Tensor },
+}
 
 struct Slot {
     name: String,
     var: Var,
     weight_decay: f64,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
+}
+
+impl Slot {
+    fn new(name: String, var: Var, weight_decay: f64) -> Result<Self> {
+        let t = var.as_tensor();
+        let moments = if t.device().is_cpu() && t.dtype() == DType::F32 {
+            Moments::Host { m: vec![0.0; t.elem_count()], v: vec![0.0; t.elem_count()] }
+        } else {
+            Moments::Device { m: t.zeros_like()?, v: t.zeros_like()? }
+        };
+        Ok(Self { name, var, weight_decay, moments })
+    }
+
+    fn tensors(&self) -> Result<(Tensor, Tensor)> {
+        let t = self.var.as_tensor();
+        Ok(match &self.moments {
+            Moments::Host { m, v } => {
+                (Tensor::from_slice(m, t.shape(), t.device())?, Tensor::from_slice(v, t.shape(), t.device())?)
+            }
+            Moments::Device { m, v } => (m.clone(), v.clone()),
+        })
+    }
+
+    fn set(&mut self, m: &Tensor, v: &Tensor) -> Result<()> {
+        let shape = self.var.as_tensor().shape();
+        if m.shape() != shape || v.shape() != shape {
+            anyhow::bail!("optimizer state for {} is {:?}, the parameter is {shape:?}", self.name, m.shape());
+        }
+        match &mut self.moments {
+            Moments::Host { m: hm, v: hv } => {
+                *hm = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                *hv = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            }
+            Moments::Device { m: dm, v: dv } => {
+                *dm = m.clone();
+                *dv = v.clone();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One AdamW update of a parameter (the in-place destination) from its gradient, with the
+/// moments updated in the same pass.
+struct Update<'a> {
+    m: RefCell<&'a mut [f32]>,
+    v: RefCell<&'a mut [f32]>,
+    lr: f64,
+    weight_decay: f64,
+    beta1: f64,
+    beta2: f64,
+    bc1: f64,
+    bc2_sqrt: f64,
+    eps: f64,
+}
+
+impl InplaceOp2 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "albef-adamw"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, g_l: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, g) else {
+            candle_core::bail!("adamw: f32 parameters and gradients only")
+        };
+        let (Some((p0, p1)), Some((g0, g1))) = (dst_l.contiguous_offsets(), g_l.contiguous_offsets()) else {
+            candle_core::bail!("adamw: parameter and gradient must be contiguous")
+        };
+        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
+        // The same f32 arithmetic, in the same order, as the tensor form below.
+        let decay = (1.0 - self.lr * self.weight_decay) as f32;
+        let (b1, one_b1) = (self.beta1 as f32, (1.0 - self.beta1) as f32);
+        let (b2, one_b2) = (self.beta2 as f32, (1.0 - self.beta2) as f32);
+        let (inv_bc2, eps, step) = ((1.0 / self.bc2_sqrt) as f32, self.eps as f32, (self.lr / self.bc1) as f32);
+        let decays = self.weight_decay > 0.0;
+        const CHUNK: usize = 1 << 14;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    let pi = if decays { p[i] * decay } else { p[i] };
+                    m[i] = m[i] * b1 + g[i] * one_b1;
+                    v[i] = v[i] * b2 + g[i] * g[i] * one_b2;
+                    let denom = v[i].sqrt() * inv_bc2 + eps;
+                    p[i] = pi - m[i] / denom * step;
+                }
+            });
+        Ok(())
+    }
 }
 
 pub struct AdamW {
@@ -34,9 +136,8 @@ impl AdamW {
             .trainable()
             .into_iter()
             .map(|p| {
-                let zeros = p.var.as_tensor().zeros_like()?;
                 let wd = if decays(&p.name, p.var.rank()) { weight_decay } else { 0.0 };
-                Ok(Slot { name: p.name, var: p.var, weight_decay: wd, m: zeros.clone(), v: zeros })
+                Slot::new(p.name, p.var, wd)
             })
             .collect::<Result<_>>()?;
         Ok(Self { slots, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0 })
@@ -91,6 +192,10 @@ impl AdamW {
 
     /// One update with learning rate `lr`; parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        profile::time(Kind::AdamW, || self.step_inner(grads, lr))
+    }
+
+    fn step_inner(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.beta1, self.beta2);
@@ -102,37 +207,54 @@ impl AdamW {
             let Some(g) = grads.get(&s.var).map(|g| g.detach()) else {
                 continue;
             };
-            let p = s.var.as_tensor().detach();
-            let p = if s.weight_decay > 0.0 { (p * (1.0 - lr * s.weight_decay))? } else { p };
-            s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
-            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((s.v.sqrt()? / bc2_sqrt)? + self.eps)?;
-            let update = (s.m.div(&denom)? * (lr / bc1))?;
-            s.var.set(&(p - update)?)?;
+            match &mut s.moments {
+                Moments::Host { m, v } => {
+                    let update = Update {
+                        m: RefCell::new(m),
+                        v: RefCell::new(v),
+                        lr,
+                        weight_decay: s.weight_decay,
+                        beta1: b1,
+                        beta2: b2,
+                        bc1,
+                        bc2_sqrt,
+                        eps: self.eps,
+                    };
+                    s.var.as_tensor().inplace_op2(&g.contiguous()?, &update)?;
+                }
+                Moments::Device { m, v } => {
+                    let p = s.var.as_tensor().detach();
+                    let p = if s.weight_decay > 0.0 { (p * (1.0 - lr * s.weight_decay))? } else { p };
+                    *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
+                    *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                    let denom = ((v.sqrt()? / bc2_sqrt)? + self.eps)?;
+                    let update = (m.div(&denom)? * (lr / bc1))?;
+                    s.var.set(&(p - update)?)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// `optimizer.m.<param>` / `optimizer.v.<param>` tensors for a checkpoint.
-    pub fn state(&self) -> StateDict {
+    pub fn state(&self) -> Result<StateDict> {
         let mut sd = StateDict::new();
         for s in &self.slots {
-            sd.insert(format!("optimizer.m.{}", s.name), s.m.clone());
-            sd.insert(format!("optimizer.v.{}", s.name), s.v.clone());
+            let (m, v) = s.tensors()?;
+            sd.insert(format!("optimizer.m.{}", s.name), m);
+            sd.insert(format!("optimizer.v.{}", s.name), v);
         }
-        sd
+        Ok(sd)
     }
 
     pub fn load_state(&mut self, sd: &StateDict, step: u64) -> Result<()> {
         for s in &mut self.slots {
-            s.m = sd
-                .get(&format!("optimizer.m.{}", s.name))
-                .with_context(|| format!("checkpoint has no optimizer state for {}", s.name))?
-                .clone();
-            s.v = sd
-                .get(&format!("optimizer.v.{}", s.name))
-                .with_context(|| format!("checkpoint has no optimizer state for {}", s.name))?
-                .clone();
+            let get = |which: &str| {
+                sd.get(&format!("optimizer.{which}.{}", s.name))
+                    .with_context(|| format!("checkpoint has no optimizer state for {}", s.name))
+            };
+            let (m, v) = (get("m")?.clone(), get("v")?.clone());
+            s.set(&m, &v)?;
         }
         self.step = step;
         Ok(())

@@ -226,7 +226,7 @@ impl RunDir {
         }
         let mut tensors: StateDict = store.named_tensors().into_iter().collect();
         if let Some(opt) = optimizer {
-            tensors.extend(opt.state());
+            tensors.extend(opt.state()?);
         }
         let mut meta = albef_metadata(task);
         meta.insert("albef_train_state".to_string(), serde_json::to_string(state)?);

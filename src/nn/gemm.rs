@@ -1,0 +1,466 @@
+//! Matrix products on the CPU straight through `gemm`, with their backward passes.
+//!
+//! candle's own CPU matmul zero-fills its output before `gemm` overwrites it, runs a batch of
+//! small products one after the other (each split across the threads), and needs attention's
+//! heads split into contiguous copies first. These ops read any strides (the heads of a packed
+//! (B, L, H·dh) tensor, a transposed weight), write their output once, add a linear layer's
+//! bias in the same pass, and share a batch of products out whole between the threads.
+
+use super::profile::{self, Kind};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn f32s<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v.as_slice()),
+        _ => candle_core::bail!("{what}: only f32 is supported on this path"),
+    }
+}
+
+/// A matrix inside a buffer: element (i, j) is at `offset + i·rs + j·cs`.
+#[derive(Clone, Copy, Debug)]
+struct Mat {
+    offset: usize,
+    rs: isize,
+    cs: isize,
+}
+
+/// One product `c = scale·a·b (+ c)` of a batch.
+#[derive(Clone, Copy, Debug)]
+struct Product {
+    a: Mat,
+    b: Mat,
+    c: Mat,
+}
+
+/// A buffer of uninitialised f32 for an output every element of which is written.
+pub(super) fn output(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns and each caller writes every element before
+    // the buffer is read (gemm with `read_dst = false`, or a fill).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
+struct SendPtr(*mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// Called with a product's index and its (m·n) output block, right after the product, while the
+/// block is still in cache (attention's softmax).
+type Then<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+/// Runs every product of `batch` (m×k by k×n): in parallel over the products when there are
+/// enough of them to keep every thread busy (attention's batch × heads), otherwise one after
+/// the other with each product split across the threads. `accumulate` adds to what `c` holds.
+/// `then` needs each product's output to be one contiguous block.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    batch: &[Product],
+    scale: f32,
+    accumulate: bool,
+    then: Option<Then>,
+) {
+    let threads = rayon::current_num_threads();
+    let dst = SendPtr(c.as_mut_ptr());
+    let one = |i: usize, p: &Product, par: gemm::Parallelism| {
+        let dst = &dst;
+        // SAFETY: every product's matrices lie inside their buffers (the callers derive them from
+        // candle layouts), and the products of one batch write disjoint elements of `c`.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.0.add(p.c.offset),
+                p.c.cs,
+                p.c.rs,
+                accumulate,
+                a.as_ptr().add(p.a.offset),
+                p.a.cs,
+                p.a.rs,
+                b.as_ptr().add(p.b.offset),
+                p.b.cs,
+                p.b.rs,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                par,
+            );
+            if let Some(then) = then {
+                debug_assert!(p.c.rs == n as isize && p.c.cs == 1);
+                // SAFETY: this product's block, written by it alone.
+                then(i, std::slice::from_raw_parts_mut(dst.0.add(p.c.offset), m * n));
+            }
+        }
+    };
+    if m == 0 || n == 0 {
+        return;
+    }
+    if batch.len() >= 2 * threads {
+        batch.par_iter().enumerate().for_each(|(i, p)| one(i, p, gemm::Parallelism::None));
+    } else {
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        for (i, p) in batch.iter().enumerate() {
+            one(i, p, par);
+        }
+    }
+}
+
+/// Offsets of every batch element of `l` (all dimensions but the last two), in row-major order.
+fn batch_offsets(l: &Layout) -> Vec<usize> {
+    let dims = l.dims();
+    let strides = l.stride();
+    let r = dims.len();
+    let mut offs = vec![l.start_offset()];
+    for d in 0..r.saturating_sub(2) {
+        offs = offs.iter().flat_map(|&o| (0..dims[d]).map(move |i| o + i * strides[d])).collect();
+    }
+    offs
+}
+
+fn last2(l: &Layout) -> (usize, usize, isize, isize) {
+    let (d, s) = (l.dims(), l.stride());
+    let r = d.len();
+    (d[r - 2], d[r - 1], s[r - 2] as isize, s[r - 1] as isize)
+}
+
+/// `a·b` for (…, m, k) and (…, k, n) with equal leading dimensions, or a 2-D `b` shared by every
+/// batch element of `a`.
+pub struct MatMul {
+    pub scale: f32,
+}
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "albef-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::time(Kind::Matmul, || {
+            let (a, b) = (f32s(s1, "matmul")?, f32s(s2, "matmul")?);
+            if l1.dims().len() < 2 || l2.dims().len() < 2 {
+                candle_core::bail!("matmul needs two matrices, got {:?} and {:?}", l1.dims(), l2.dims())
+            }
+            let (m, k, a_rs, a_cs) = last2(l1);
+            let (k2, n, b_rs, b_cs) = last2(l2);
+            let lead = &l1.dims()[..l1.dims().len() - 2];
+            let shared_b = l2.dims().len() == 2;
+            if k != k2 || !(shared_b || lead == &l2.dims()[..l2.dims().len() - 2]) {
+                candle_core::bail!("matmul shapes {:?} and {:?} do not match", l1.dims(), l2.dims())
+            }
+            let (a_offs, b_offs) = (batch_offsets(l1), batch_offsets(l2));
+            let batch: Vec<Product> = a_offs
+                .iter()
+                .enumerate()
+                .map(|(i, &ao)| Product {
+                    a: Mat { offset: ao, rs: a_rs, cs: a_cs },
+                    b: Mat { offset: if shared_b { b_offs[0] } else { b_offs[i] }, rs: b_rs, cs: b_cs },
+                    c: Mat { offset: i * m * n, rs: n as isize, cs: 1 },
+                })
+                .collect();
+            let mut c = output(a_offs.len() * m * n);
+            run((m, n, k), a, b, &mut c, &batch, self.scale, false, None);
+            let mut dims = lead.to_vec();
+            dims.extend([m, n]);
+            Ok((CpuStorage::F32(c), Shape::from(dims)))
+        })
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = || MatMul { scale: self.scale };
+        let da = grad.apply_op2_no_bwd(&b.t()?, &op())?;
+        let db = if b.rank() == 2 && a.rank() > 2 {
+            let k = a.dim(candle_core::D::Minus1)?;
+            let n = grad.dim(candle_core::D::Minus1)?;
+            let a2 = a.reshape(((), k))?;
+            a2.t()?.apply_op2_no_bwd(&grad.reshape(((), n))?, &op())?
+        } else {
+            a.t()?.apply_op2_no_bwd(grad, &op())?
+        };
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// A linear layer's `x·wᵀ + bias` for x (rows, in), w (out, in), bias (out): the bias is written
+/// first and the product added onto it.
+pub struct Linear;
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "albef-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        profile::time(Kind::Matmul, || {
+            let (x, w, bias) = (f32s(s1, "linear")?, f32s(s2, "linear")?, f32s(s3, "linear")?);
+            let (rows, k, x_rs, x_cs) = last2(l1);
+            let (n, k2, w_rs, w_cs) = last2(l2);
+            if l1.dims().len() != 2 || l2.dims().len() != 2 || k != k2 || l3.dims() != [n] {
+                candle_core::bail!("linear shapes {:?}, {:?}, {:?} do not match", l1.dims(), l2.dims(), l3.dims())
+            }
+            let bias = match l3.contiguous_offsets() {
+                Some((s, e)) => &bias[s..e],
+                None => candle_core::bail!("linear: the bias must be contiguous"),
+            };
+            let mut c = output(rows * n);
+            c.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(bias));
+            let product = Product {
+                a: Mat { offset: l1.start_offset(), rs: x_rs, cs: x_cs },
+                // wᵀ: element (i, j) of the (in, out) matrix is w[j, i].
+                b: Mat { offset: l2.start_offset(), rs: w_cs, cs: w_rs },
+                c: Mat { offset: 0, rs: n as isize, cs: 1 },
+            };
+            run((rows, n, k), x, w, &mut c, &[product], 1.0, true, None);
+            Ok((CpuStorage::F32(c), Shape::from((rows, n))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = MatMul { scale: 1.0 };
+        let dx = grad.apply_op2_no_bwd(w, &op)?;
+        let dw = grad.t()?.apply_op2_no_bwd(x, &op)?;
+        let db = grad.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Per-head matrices of a packed (B, L, H·dh) tensor: batch `bi`, head `h`, as an (L, dh)
+/// matrix (`transposed`: as its (dh, L) transpose).
+fn head(l: &Layout, heads: usize, bi: usize, h: usize, transposed: bool) -> Mat {
+    let s = l.stride();
+    let dh = l.dims()[2] / heads;
+    let offset = l.start_offset() + bi * s[0] + h * dh * s[2];
+    let (rs, cs) = (s[1] as isize, s[2] as isize);
+    if transposed {
+        Mat { offset, rs: cs, cs: rs }
+    } else {
+        Mat { offset, rs, cs }
+    }
+}
+
+fn check_packed(what: &str, l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
+    match *l.dims() {
+        [b, len, d] if heads > 0 && d % heads == 0 => Ok((b, len, d)),
+        _ => candle_core::bail!("{what}: expected (B, L, H·dh) with {heads} heads, got {:?}", l.dims()),
+    }
+}
+
+/// `scale · a_h · b_hᵀ` for every head of packed a (B, M, H·dh) and b (B, N, H·dh), as
+/// (B, H, M, N); `then` runs on each head's block right after its product.
+fn head_scores(
+    heads: usize,
+    scale: f32,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    then: Option<Then>,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = (f32s(s1, "attention scores")?, f32s(s2, "attention scores")?);
+    let (bsz, m, d) = check_packed("attention scores", l1, heads)?;
+    let (bsz2, n, d2) = check_packed("attention scores", l2, heads)?;
+    if bsz != bsz2 || d != d2 {
+        candle_core::bail!("attention scores: {:?} against {:?}", l1.dims(), l2.dims())
+    }
+    let h = heads;
+    let batch: Vec<Product> = (0..bsz * h)
+        .map(|t| Product {
+            a: head(l1, h, t / h, t % h, false),
+            b: head(l2, h, t / h, t % h, true),
+            c: Mat { offset: t * m * n, rs: n as isize, cs: 1 },
+        })
+        .collect();
+    let mut c = output(bsz * h * m * n);
+    run((m, n, d / h), a, b, &mut c, &batch, scale, false, then);
+    Ok((CpuStorage::F32(c), Shape::from((bsz, h, m, n))))
+}
+
+/// Attention scores of every head without splitting the heads out: for packed a (B, M, H·dh)
+/// and b (B, N, H·dh), `scale · a_h · b_hᵀ` as (B, H, M, N).
+pub struct HeadScores {
+    pub heads: usize,
+    pub scale: f32,
+}
+
+impl CustomOp2 for HeadScores {
+    fn name(&self) -> &'static str {
+        "albef-head-scores"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::time(Kind::Matmul, || head_scores(self.heads, self.scale, (s1, l1), (s2, l2), None))
+    }
+
+    /// With g (B, H, M, N): da_h = scale·g_h·b_h, db_h = scale·g_hᵀ·a_h, both written packed.
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = HeadContext { heads: self.heads, scale: self.scale };
+        let da = grad.apply_op2_no_bwd(b, &op)?;
+        let db = grad.transpose(2, 3)?.apply_op2_no_bwd(a, &op)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// Attention context with the heads merged as it is written: for p (B, H, M, N) (any strides)
+/// and packed x (B, N, H·dh), `scale · p_h · x_h` laid out as (B, M, H·dh).
+pub struct HeadContext {
+    pub heads: usize,
+    pub scale: f32,
+}
+
+impl CustomOp2 for HeadContext {
+    fn name(&self) -> &'static str {
+        "albef-head-context"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::time(Kind::Matmul, || {
+            let (p, x) = (f32s(s1, "attention context")?, f32s(s2, "attention context")?);
+            let (bsz, n, d) = check_packed("attention context", l2, self.heads)?;
+            let h = self.heads;
+            let m = match *l1.dims() {
+                [b1, h1, m, n1] if b1 == bsz && h1 == h && n1 == n => m,
+                _ => candle_core::bail!("attention context: probabilities {:?} against values {:?}", l1.dims(), l2.dims()),
+            };
+            let ps = l1.stride();
+            let dh = d / h;
+            let batch: Vec<Product> = (0..bsz * h)
+                .map(|t| {
+                    let (bi, hi) = (t / h, t % h);
+                    Product {
+                        a: Mat {
+                            offset: l1.start_offset() + bi * ps[0] + hi * ps[1],
+                            rs: ps[2] as isize,
+                            cs: ps[3] as isize,
+                        },
+                        b: head(l2, h, bi, hi, false),
+                        c: Mat { offset: bi * m * d + hi * dh, rs: d as isize, cs: 1 },
+                    }
+                })
+                .collect();
+            let mut c = output(bsz * m * d);
+            run((m, dh, n), p, x, &mut c, &batch, self.scale, false, None);
+            Ok((CpuStorage::F32(c), Shape::from((bsz, m, d))))
+        })
+    }
+
+    /// With g (B, M, H·dh): dp_h = scale·g_h·x_hᵀ, dx_h = scale·p_hᵀ·g_h.
+    fn bwd(&self, p: &Tensor, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dp = grad.apply_op2_no_bwd(x, &HeadScores { heads: self.heads, scale: self.scale })?;
+        let dx = p.transpose(2, 3)?.apply_op2_no_bwd(grad, &HeadContext { heads: self.heads, scale: self.scale })?;
+        Ok((Some(dp), Some(dx)))
+    }
+}
+
+/// Attention probabilities softmax(scale · q_h · k_hᵀ + mask) of packed q (B, M, H·dh) and
+/// k (B, N, H·dh), as (B, H, M, N): each head's softmax runs on its scores as soon as they are
+/// computed, while they are in cache. With a mask (B, 1, 1, N) or (B, 1, M, N) (additive) as
+/// the third argument of [`CustomOp3`], without one as [`CustomOp2`].
+pub struct AttentionProbs {
+    pub heads: usize,
+    pub scale: f32,
+}
+
+impl AttentionProbs {
+    fn forward(&self, q: (&CpuStorage, &Layout), k: (&CpuStorage, &Layout), mask: Option<(&[f32], &Layout)>) -> Result<(CpuStorage, Shape)> {
+        let (bsz, m, _) = check_packed("attention", q.1, self.heads)?;
+        let n = k.1.dims().get(1).copied().unwrap_or(0);
+        let mask_rows = match mask.map(|(_, l)| l.dims().to_vec()).as_deref() {
+            None => 0,
+            Some(&[mb, 1, 1, mn]) if mb == bsz && mn == n => 1,
+            Some(&[mb, 1, mm, mn]) if mb == bsz && mm == m && mn == n => m,
+            Some(dims) => candle_core::bail!("attention: mask {dims:?} does not fit {bsz} × {m} queries against {n} keys"),
+        };
+        let h = self.heads;
+        let then = |t: usize, block: &mut [f32]| {
+            let bi = t / h;
+            for (i, row) in block.chunks_mut(n.max(1)).enumerate() {
+                let mask_row = mask.map(|(mv, _)| {
+                    let r = bi * mask_rows + if mask_rows == 1 { 0 } else { i };
+                    &mv[r * n..(r + 1) * n]
+                });
+                super::fused::softmax_in_place(row, mask_row);
+            }
+        };
+        profile::time(Kind::Attention, || head_scores(h, self.scale, q, k, Some(&then)))
+    }
+
+    /// From the probabilities p and their gradient g: ds = p ⊙ (g − Σ g⊙p), then
+    /// dq_h = scale·ds_h·k_h and dk_h = scale·ds_hᵀ·q_h.
+    fn backward(&self, q: &Tensor, k: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ds = super::fused::softmax_backward(probs, grad)?;
+        let op = HeadContext { heads: self.heads, scale: self.scale };
+        Ok((ds.apply_op2_no_bwd(k, &op)?, ds.transpose(2, 3)?.apply_op2_no_bwd(q, &op)?))
+    }
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "albef-attention-probs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk) = self.backward(q, k, res, grad)?;
+        Ok((Some(dq), Some(dk)))
+    }
+}
+
+impl CustomOp3 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "albef-attention-probs-masked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mask = match (f32s(s3, "attention mask")?, l3.contiguous_offsets()) {
+            (m, Some((a, b))) => &m[a..b],
+            (_, None) => candle_core::bail!("attention: the mask must be contiguous"),
+        };
+        self.forward((s1, l1), (s2, l2), Some((mask, l3)))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk) = self.backward(q, k, res, grad)?;
+        Ok((Some(dq), Some(dk), None))
+    }
+}
