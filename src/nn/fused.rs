@@ -156,7 +156,11 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = w.elem_count();
         let rows = x.elem_count() / n.max(1);
-        let packed = x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        let packed = x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &grad.contiguous()?,
+            &LayerNormBackward { eps: self.eps },
+        )?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         Ok((Some(dx), Some(packed.get(rows)?), Some(packed.get(rows + 1)?)))
     }

@@ -244,7 +244,7 @@ impl CustomOp3 for Linear {
         let op = MatMul { scale: 1.0 };
         let dx = grad.apply_op2_no_bwd(w, &op)?;
         let dw = grad.t()?.apply_op2_no_bwd(x, &op)?;
-        let db = grad.sum(0)?;
+        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSums)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -342,7 +342,11 @@ impl CustomOp2 for HeadContext {
             let h = self.heads;
             let m = match *l1.dims() {
                 [b1, h1, m, n1] if b1 == bsz && h1 == h && n1 == n => m,
-                _ => candle_core::bail!("attention context: probabilities {:?} against values {:?}", l1.dims(), l2.dims()),
+                _ => candle_core::bail!(
+                    "attention context: probabilities {:?} against values {:?}",
+                    l1.dims(),
+                    l2.dims()
+                ),
             };
             let ps = l1.stride();
             let dh = d / h;
@@ -384,14 +388,21 @@ pub struct AttentionProbs {
 }
 
 impl AttentionProbs {
-    fn forward(&self, q: (&CpuStorage, &Layout), k: (&CpuStorage, &Layout), mask: Option<(&[f32], &Layout)>) -> Result<(CpuStorage, Shape)> {
+    fn forward(
+        &self,
+        q: (&CpuStorage, &Layout),
+        k: (&CpuStorage, &Layout),
+        mask: Option<(&[f32], &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
         let (bsz, m, _) = check_packed("attention", q.1, self.heads)?;
         let n = k.1.dims().get(1).copied().unwrap_or(0);
         let mask_rows = match mask.map(|(_, l)| l.dims().to_vec()).as_deref() {
             None => 0,
             Some(&[mb, 1, 1, mn]) if mb == bsz && mn == n => 1,
             Some(&[mb, 1, mm, mn]) if mb == bsz && mm == m && mn == n => m,
-            Some(dims) => candle_core::bail!("attention: mask {dims:?} does not fit {bsz} × {m} queries against {n} keys"),
+            Some(dims) => {
+                candle_core::bail!("attention: mask {dims:?} does not fit {bsz} × {m} queries against {n} keys")
+            }
         };
         let h = self.heads;
         let then = |t: usize, block: &mut [f32]| {
@@ -462,5 +473,44 @@ impl CustomOp3 for AttentionProbs {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dq, dk) = self.backward(q, k, res, grad)?;
         Ok((Some(dq), Some(dk), None))
+    }
+}
+
+/// Σ over the rows of a contiguous (rows, n) matrix, in row blocks summed in a fixed order (a
+/// linear layer's bias gradient; candle's `sum(0)` walks the columns on one thread).
+struct ColumnSums;
+
+impl candle_core::CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "albef-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::time(Kind::Matmul, || {
+            let g = match (f32s(s, "column sums")?, l.contiguous_offsets()) {
+                (g, Some((a, b))) => &g[a..b],
+                (_, None) => candle_core::bail!("column sums: the input must be contiguous"),
+            };
+            let (rows, n) = match *l.dims() {
+                [r, n] => (r, n),
+                _ => candle_core::bail!("column sums: expected a matrix, got {:?}", l.dims()),
+            };
+            let block = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+            let partial: Vec<Vec<f32>> = g
+                .par_chunks(block * n.max(1))
+                .map(|rows| {
+                    let mut acc = vec![0f32; n];
+                    for row in rows.chunks(n.max(1)) {
+                        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+                    }
+                    acc
+                })
+                .collect();
+            let mut out = vec![0f32; n];
+            for p in &partial {
+                out.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
+            }
+            Ok((CpuStorage::F32(out), Shape::from(n)))
+        })
     }
 }

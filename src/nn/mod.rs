@@ -397,6 +397,128 @@ mod fused_vs_composed {
         (x + Tensor::from_vec(mask, (2, 5, 7), &Device::Cpu).unwrap()).unwrap()
     }
 
+    fn random4(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
+        random((shape.0 * shape.1, shape.2, shape.3), seed).reshape(shape).unwrap()
+    }
+
+    /// Gradients of Σ f(args)·r with respect to every argument.
+    fn grads_of(args: &[&Tensor], r: &Tensor, f: impl Fn(&[Tensor]) -> Result<Tensor>) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = args.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, vars.iter().map(|v| g.get(v).unwrap().clone()).collect())
+    }
+
+    fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+        let d = max_diff(a, b);
+        assert!(d < tol, "{what}: max difference {d}");
+    }
+
+    #[test]
+    fn own_linear_and_matmul_equal_candle_forward_and_backward() {
+        let x = random((1, 7, 5), 11).squeeze(0).unwrap();
+        let w = random((1, 3, 5), 12).squeeze(0).unwrap();
+        let b = random((1, 1, 3), 13).flatten_all().unwrap();
+        let r = random((1, 7, 3), 14).squeeze(0).unwrap();
+        let (y1, g1) = grads_of(&[&x, &w, &b], &r, |t| linear(&t[0], &t[1], Some(&t[2])));
+        let (y2, g2) = grads_of(&[&x, &w, &b], &r, |t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]));
+        assert_close("linear", &y1, &y2, 1e-5);
+        for (name, (a, c)) in ["dx", "dw", "db"].iter().zip(g1.iter().zip(&g2)) {
+            assert_close(name, a, c, 1e-5);
+        }
+        // Batched, with a transposed (strided) right operand and one shared by the batch.
+        let a = random((4, 6, 5), 15);
+        let bt = random((4, 8, 5), 16);
+        let r = random((4, 6, 8), 17);
+        let (y1, g1) = grads_of(&[&a, &bt], &r, |t| matmul(&t[0], &t[1].transpose(1, 2)?));
+        let (y2, g2) = grads_of(&[&a, &bt], &r, |t| t[0].matmul(&t[1].transpose(1, 2)?));
+        assert_close("batched matmul", &y1, &y2, 1e-5);
+        assert_close("batched da", &g1[0], &g2[0], 1e-5);
+        assert_close("batched db", &g1[1], &g2[1], 1e-5);
+        let shared = random((1, 5, 8), 18).squeeze(0).unwrap();
+        let (y1, g1) = grads_of(&[&a, &shared], &r, |t| matmul(&t[0], &t[1]));
+        let (y2, g2) = grads_of(&[&a, &shared], &r, |t| t[0].broadcast_matmul(&t[1]));
+        assert_close("shared matmul", &y1, &y2, 1e-5);
+        assert_close("shared db", &g1[1], &g2[1], 1e-5);
+    }
+
+    /// The composed attention every other device runs: heads split into copies, scaled q.
+    fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+        let split = |x: &Tensor| -> Result<Tensor> {
+            let (b, l, d) = x.dims3()?;
+            x.reshape((b, l, heads, d / heads))?.transpose(1, 2)?.contiguous()
+        };
+        let dh = q.dim(2)? / heads;
+        let scores = (split(q)? * (1.0 / (dh as f64).sqrt()))?.matmul(&split(k)?.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let ctx = softmax_composed(&scores)?.matmul(&split(v)?)?;
+        let (b, lq, d) = q.dims3()?;
+        ctx.transpose(1, 2)?.reshape((b, lq, d))
+    }
+
+    #[test]
+    fn own_attention_equals_composed_forward_and_backward() {
+        // q, k, v cut from one packed (B, L, 3D) tensor, as the ViT's fused qkv: strided views.
+        let (b, l, d, heads) = (2, 9, 12, 3);
+        let qkv = random((b, l, 3 * d), 21);
+        let r = random((b, l, d), 22);
+        let mut pad = vec![0f32; b * l];
+        pad[l - 1] = -10000.0;
+        pad[2 * l - 2] = -10000.0;
+        let pad = Tensor::from_vec(pad, (b, 1, 1, l), &Device::Cpu).unwrap();
+        let causal = random4((b, 1, l, l), 23);
+        for (name, mask) in [("no mask", None), ("padding mask", Some(&pad)), ("full mask", Some(&causal))] {
+            let f = |t: &[Tensor], own: bool| -> Result<Tensor> {
+                let (q, k, v) = (t[0].narrow(2, 0, d)?, t[0].narrow(2, d, d)?, t[0].narrow(2, 2 * d, d)?);
+                if own {
+                    attention(&q, &k, &v, heads, mask)
+                } else {
+                    composed_attention(&q, &k, &v, heads, mask)
+                }
+            };
+            let (y1, g1) = grads_of(&[&qkv], &r, |t| f(t, true));
+            let (y2, g2) = grads_of(&[&qkv], &r, |t| f(t, false));
+            assert_close(&format!("attention, {name}"), &y1, &y2, 1e-5);
+            assert_close(&format!("attention dqkv, {name}"), &g1[0], &g2[0], 1e-5);
+        }
+    }
+
+    #[test]
+    fn gelu_equals_candle_erf_gelu_forward_and_backward() {
+        let x = (random((4, 8, 33), 31) * 2.0).unwrap();
+        let r = random((4, 8, 33), 32);
+        let (y1, g1) = value_and_grad(&x, &r, gelu);
+        let (y2, g2) = value_and_grad(&x, &r, |t| t.gelu_erf());
+        assert_close("gelu", &y1, &y2, 2e-6);
+        assert_close("gelu backward", &g1, &g2, 2e-6);
+    }
+
+    #[test]
+    fn dropout_is_reproducible_and_its_backward_uses_the_same_mask() {
+        let x = (random((3, 50, 40), 41).abs().unwrap() + 1.0).unwrap();
+        seed_dropout(7);
+        let (y, g) = value_and_grad(&x, &x.ones_like().unwrap(), |t| dropout(t, 0.25, true));
+        seed_dropout(7);
+        let again = dropout(&x, 0.25, true).unwrap();
+        assert_eq!(max_diff(&y, &again), 0.0, "same seed, same mask");
+        let (y, g) =
+            (y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.02, "dropped fraction {dropped}");
+        for (yi, gi) in y.iter().zip(&g) {
+            // Kept elements are scaled by 1/(1 − p) and pass a gradient of exactly that.
+            assert_eq!(*yi == 0.0, *gi == 0.0);
+            if *gi != 0.0 {
+                assert!((gi - 1.0 / 0.75).abs() < 1e-6);
+            }
+        }
+    }
+
     #[test]
     fn softmax_fused_equals_composed_forward_and_backward() {
         for x in [random((3, 4, 9), 0), masked_scores()] {

@@ -19,7 +19,8 @@ pub enum Kind {
     Ema,
 }
 
-const KINDS: [Kind; 8] = [Kind::Matmul, Kind::Attention, Kind::Softmax, Kind::LayerNorm, Kind::Gelu, Kind::Dropout, Kind::AdamW, Kind::Ema];
+const KINDS: [Kind; 8] =
+    [Kind::Matmul, Kind::Attention, Kind::Softmax, Kind::LayerNorm, Kind::Gelu, Kind::Dropout, Kind::AdamW, Kind::Ema];
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -61,7 +62,8 @@ pub fn time<T>(kind: Kind, f: impl FnOnce() -> T) -> T {
     }
     let start = Instant::now();
     let out = f();
-    let slot = KINDS.iter().position(|&k| k == kind).unwrap_or(0) + if BACKWARD.with(|b| b.get()) { KINDS.len() } else { 0 };
+    let slot =
+        KINDS.iter().position(|&k| k == kind).unwrap_or(0) + if BACKWARD.with(|b| b.get()) { KINDS.len() } else { 0 };
     NANOS[slot].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     out
 }
