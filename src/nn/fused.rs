@@ -3,7 +3,9 @@
 //! candle's own fused softmax and LayerNorm have no backward (they silently stop gradients);
 //! these do, as `CustomOp`s whose backward is itself one fused, multi-threaded pass (softmax,
 //! LayerNorm, GELU, dropout) instead of a chain of whole-tensor ops each allocating its result.
-//! On other devices the callers fall back to the composed versions in `nn`.
+//! Softmax, log-softmax and LayerNorm also have CUDA kernels (feature `cuda`, `nn::cuda`), whose
+//! backward passes are tensor ops on the device. Elsewhere the callers fall back to the composed
+//! versions in `nn`.
 
 use super::profile::{self, Kind};
 use super::simd::{self, vectorized};
@@ -39,8 +41,48 @@ impl CustomOp1 for Softmax {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax(s, l, false)
+    }
+
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(softmax_backward(res, grad)?))
+    }
+}
+
+/// Log-softmax over the last dimension (used on CUDA; the CPU keeps the composed form, whose
+/// numbers the fixture tests pin, and this `cpu_fwd` serves to test the op).
+pub struct LogSoftmax;
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "albef-log-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = contiguous(s, l, "log-softmax")?;
+        let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut dst = super::gemm::output(src.len());
+        dst.par_chunks_mut(n).zip(src.par_chunks(n)).for_each(|(d, x)| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = x.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+            for (o, &v) in d.iter_mut().zip(x) {
+                *o = v - max - lse;
+            }
+        });
+        Ok((CpuStorage::F32(dst), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax(s, l, true)
+    }
+
+    /// dx = g − exp(y) · Σ g.
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let sum = grad.sum_keepdim(candle_core::D::Minus1)?;
+        Ok(Some(grad.sub(&res.exp()?.broadcast_mul(&sum)?)?))
     }
 }
 
@@ -49,8 +91,13 @@ fn softmax_row(x: &[f32], mask: Option<&[f32]>, d: &mut [f32]) {
     softmax_in_place(d, mask);
 }
 
-/// dx = y ⊙ (g − Σ g⊙y) for softmax output y and its gradient g (last dimension).
+/// dx = y ⊙ (g − Σ g⊙y) for softmax output y and its gradient g (last dimension): one pass on
+/// the CPU, tensor ops elsewhere.
 pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if !cpu_f32(y) {
+        let dot = (g * y)?.sum_keepdim(candle_core::D::Minus1)?;
+        return y.mul(&g.broadcast_sub(&dot)?);
+    }
     y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBackward)
 }
 
@@ -146,6 +193,19 @@ impl CustomOp3 for LayerNormOp {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm(s1, l1, s2, l2, s3, l3, self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -154,6 +214,9 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !cpu_f32(x) {
+            return self.bwd_composed(x, w, grad);
+        }
         let n = w.elem_count();
         let rows = x.elem_count() / n.max(1);
         let packed = x.contiguous()?.apply_op3_no_bwd(
@@ -163,6 +226,32 @@ impl CustomOp3 for LayerNormOp {
         )?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         Ok((Some(dx), Some(packed.get(rows)?), Some(packed.get(rows + 1)?)))
+    }
+}
+
+impl LayerNormOp {
+    /// The backward as tensor ops on the input's device (see [`LayerNormBackward`]).
+    fn bwd_composed(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use candle_core::D;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let inv_std = (centred.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let x_hat = centred.broadcast_mul(&inv_std)?;
+        let gw = grad.broadcast_mul(w)?;
+        let dx = gw
+            .broadcast_sub(&gw.mean_keepdim(D::Minus1)?)?
+            .sub(&x_hat.broadcast_mul(&(&gw * &x_hat)?.mean_keepdim(D::Minus1)?)?)?
+            .broadcast_mul(&inv_std)?;
+        let n = w.elem_count();
+        let rows = grad.elem_count() / n.max(1);
+        let dw = (grad * &x_hat)?.reshape((rows, n))?.sum(0)?;
+        let db = grad.reshape((rows, n))?.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -348,7 +437,22 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// True when the fused kernels apply (f32 on the CPU).
-pub fn usable(x: &Tensor) -> bool {
+/// True when the CPU kernels apply (f32 on the CPU).
+pub fn cpu_f32(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// True when the fused softmax and LayerNorm apply: f32 on the CPU, and on CUDA devices in a
+/// CUDA build.
+pub fn usable(x: &Tensor) -> bool {
+    cpu_f32(x) || (x.dtype() == candle_core::DType::F32 && on_cuda(x))
+}
+
+/// True when the fused log-softmax applies: f32 on CUDA devices in a CUDA build.
+pub fn usable_log_softmax(x: &Tensor) -> bool {
+    x.dtype() == candle_core::DType::F32 && on_cuda(x)
+}
+
+fn on_cuda(x: &Tensor) -> bool {
+    cfg!(feature = "cuda") && x.device().is_cuda()
 }

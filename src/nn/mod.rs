@@ -5,6 +5,8 @@
 //! (LayerNorm and softmax, f32 on the CPU) is our own fused op with its backward. The composed
 //! forms serve every other device and dtype; tests check that both agree.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod fused;
 mod gemm;
 mod params;
@@ -89,7 +91,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// True when the products go through `nn::gemm` (f32 on the CPU, fp32 precision).
 fn own_gemm(ts: &[&Tensor]) -> bool {
-    precision() == Precision::Fp32 && ts.iter().all(|t| fused::usable(t))
+    precision() == Precision::Fp32 && ts.iter().all(|t| fused::cpu_f32(t))
 }
 
 /// `x·weightᵀ + bias` for 2-D x (rows, in) and weight (out, in), in the thread's precision; on
@@ -104,7 +106,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 /// The reference's exact (erf) GELU.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if fused::usable(x) {
+    if fused::cpu_f32(x) {
         return x.contiguous()?.apply_op1(fused::Gelu);
     }
     x.gelu_erf()
@@ -140,6 +142,14 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
 /// Log-softmax over the last dimension, in f32.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let x = &in_f32(x)?;
+    if fused::usable_log_softmax(x) {
+        return x.contiguous()?.apply_op1(fused::LogSoftmax);
+    }
+    log_softmax_composed(x)
+}
+
+/// [`log_softmax`] from primitive ops (every device and dtype).
+pub fn log_softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -192,7 +202,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !train || p == 0.0 {
         return Ok(x.clone());
     }
-    if fused::usable(x) {
+    if fused::cpu_f32(x) {
         let seed = DROPOUT_RNG.with(|r| rand::Rng::random::<u64>(&mut *r.borrow_mut()));
         return x.contiguous()?.apply_op1(fused::Dropout { p, seed });
     }
@@ -305,7 +315,7 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, mask: Option<&Tenso
         // they are in cache.
         let op = gemm::AttentionProbs { heads, scale: (1.0 / (head_dim as f64).sqrt()) as f32 };
         return match mask {
-            Some(m) if m.rank() == 4 && m.dim(1)? == 1 && fused::usable(m) => {
+            Some(m) if m.rank() == 4 && m.dim(1)? == 1 && fused::cpu_f32(m) => {
                 let (_, _, mq, lk) = m.dims4()?;
                 let m = m.broadcast_as((q.dim(0)?, 1, mq, lk))?.contiguous()?;
                 q.apply_op3(k, &m, op)
@@ -528,6 +538,22 @@ mod fused_vs_composed {
             assert!(max_diff(&yf, &yc) < 1e-6, "forward {}", max_diff(&yf, &yc));
             assert!(max_diff(&gf, &gc) < 1e-6, "backward {}", max_diff(&gf, &gc));
             assert!(gf.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|g| g.is_finite()));
+        }
+    }
+
+    #[test]
+    fn fused_log_softmax_equals_composed_forward_and_backward() {
+        // The CUDA kernel's CPU twin (the CPU itself uses the composed form).
+        for x in [random((3, 4, 9), 10), masked_scores()] {
+            let r = random(x.dims3().unwrap(), 11);
+            let (yf, gf) = value_and_grad(&x, &r, |t| t.apply_op1(fused::LogSoftmax));
+            let (yc, gc) = value_and_grad(&x, &r, log_softmax_composed);
+            let finite = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (a, b) = (finite(&yf), finite(&yc));
+            for (p, q) in a.iter().zip(&b) {
+                assert!(p == q || (p - q).abs() < 1e-5, "forward {p} vs {q}");
+            }
+            assert!(max_diff(&gf, &gc) < 1e-5, "backward {}", max_diff(&gf, &gc));
         }
     }
 
