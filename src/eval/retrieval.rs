@@ -28,18 +28,39 @@ pub struct EncodedSplit {
 const CHUNK: usize = 128;
 
 /// ITM class-1 logits of `texts` (indices) against image `i`; the image states are shared by
-/// the batch rather than repeated (same numbers, far fewer cross-attention projections).
-fn itm_scores(model: &ContrastiveModel, enc: &EncodedSplit, i: usize, texts: &[usize]) -> Result<Vec<f32>> {
+/// the batch rather than repeated (same numbers, far fewer cross-attention projections). The
+/// texts go in order of length, and each call is cut to its longest text: the padding it drops
+/// is masked with −10000, whose softmax weight is exactly 0 in f32, so no score changes.
+fn itm_scores(
+    model: &ContrastiveModel,
+    enc: &EncodedSplit,
+    lengths: &[usize],
+    i: usize,
+    texts: &[usize],
+) -> Result<Vec<f32>> {
     let dev = enc.image_states.device();
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(CHUNK) {
-        let sel = Tensor::from_vec(chunk.iter().map(|&x| x as u32).collect::<Vec<_>>(), chunk.len(), dev)?;
-        let text = enc.text_states.index_select(&sel, 0)?;
-        let mask = enc.text_mask.index_select(&sel, 0)?;
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&j| (lengths[texts[j]], texts[j]));
+    let mut out = vec![0f32; texts.len()];
+    let full = enc.text_states.dim(1)?;
+    for chunk in order.chunks(CHUNK) {
+        let ids: Vec<u32> = chunk.iter().map(|&j| texts[j] as u32).collect();
+        let len = chunk.iter().map(|&j| lengths[texts[j]]).max().unwrap_or(full).clamp(1, full);
+        let sel = Tensor::from_vec(ids, chunk.len(), dev)?;
+        let text = enc.text_states.index_select(&sel, 0)?.narrow(1, 0, len)?;
+        let mask = enc.text_mask.index_select(&sel, 0)?.narrow(1, 0, len)?;
         let fused = model.fuse(&text, &mask, &enc.image_states.i(i..i + 1)?)?;
-        out.extend(model.itm_logits(&fused)?.i((.., 1))?.to_vec1::<f32>()?);
+        for (&j, s) in chunk.iter().zip(model.itm_logits(&fused)?.i((.., 1))?.to_vec1::<f32>()?) {
+            out[j] = s;
+        }
     }
     Ok(out)
+}
+
+/// Tokens up to and including each text's last unmasked one.
+fn text_lengths(mask: &Tensor) -> Result<Vec<usize>> {
+    let rows = mask.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    Ok(rows.iter().map(|r| r.iter().rposition(|&m| m != 0.0).map_or(r.len(), |p| p + 1)).collect())
 }
 
 /// `(score_i2t (N_img, N_txt), score_t2i (N_txt, N_img))`: for each image its top-`k_test` texts
@@ -98,17 +119,24 @@ fn score_rows(
             by_image[i].push(t);
         }
     }
+    // Each image's candidates of both directions in one list: a pair in both top-k's is scored once.
+    let lengths = text_lengths(&enc.text_mask)?;
     for (i, row) in sims.iter().enumerate() {
-        if images.contains(&i) {
-            let top = topk_indices(row, k_test.min(nt));
-            for (&t, s) in top.iter().zip(itm_scores(model, enc, i, &top)?) {
-                i2t[i][t] = s;
-            }
+        let top = if images.contains(&i) { topk_indices(row, k_test.min(nt)) } else { Vec::new() };
+        let mut pairs = top.clone();
+        pairs.extend(by_image[i].iter().copied());
+        pairs.sort_unstable();
+        pairs.dedup();
+        if pairs.is_empty() {
+            continue;
         }
-        if !by_image[i].is_empty() {
-            for (&t, s) in by_image[i].iter().zip(itm_scores(model, enc, i, &by_image[i])?) {
-                t2i[t][i] = s;
-            }
+        let scores = itm_scores(model, enc, &lengths, i, &pairs)?;
+        let score_of = |t: usize| scores[pairs.binary_search(&t).expect("every candidate was scored")];
+        for &t in &top {
+            i2t[i][t] = score_of(t);
+        }
+        for &t in &by_image[i] {
+            t2i[t][i] = score_of(t);
         }
     }
     Ok((i2t, t2i))
