@@ -2,7 +2,7 @@ use candle_core::{Device, Tensor};
 use std::time::Instant;
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    for (m, k, n) in [(4616, 768, 3072), (4616, 3072, 768), (4616, 768, 768)] {
+    for (m, k, n) in [(9232, 768, 768), (9232, 768, 1536), (9232, 768, 768), (9232, 768, 1536)] {
         let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
         a.matmul(&b)?;

@@ -191,9 +191,25 @@ impl CustomOp2 for MatMul {
     }
 }
 
-/// A linear layer's `x·wᵀ + bias` for x (rows, in), w (out, in), bias (out): the bias is written
-/// first and the product added onto it.
+/// A linear layer's `x·wᵀ + bias` for x (…, in), w (out, in), bias (out): the bias is written
+/// first and the product added onto it. The leading dimensions of x must fold into rows of one
+/// stride ([`rows_of`]): then no reshape, whose backward would cost a pass, is needed.
 pub struct Linear;
+
+/// (rows, row stride) of x (…, k) seen as one matrix, when its leading dimensions fold into one.
+pub fn rows_of(l: &Layout) -> Option<(usize, isize)> {
+    let (dims, strides) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r < 2 {
+        return None;
+    }
+    for i in 0..r - 2 {
+        if dims[i + 1] > 1 && strides[i] != strides[i + 1] * dims[i + 1] {
+            return None;
+        }
+    }
+    Some((dims[..r - 1].iter().product(), strides[r - 2] as isize))
+}
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -211,9 +227,12 @@ impl CustomOp3 for Linear {
     ) -> Result<(CpuStorage, Shape)> {
         profile::time(Kind::Matmul, || {
             let (x, w, bias) = (f32s(s1, "linear")?, f32s(s2, "linear")?, f32s(s3, "linear")?);
-            let (rows, k, x_rs, x_cs) = last2(l1);
+            let (_, k, _, x_cs) = last2(l1);
             let (n, k2, w_rs, w_cs) = last2(l2);
-            if l1.dims().len() != 2 || l2.dims().len() != 2 || k != k2 || l3.dims() != [n] {
+            let Some((rows, x_rs)) = rows_of(l1) else {
+                candle_core::bail!("linear: input {:?} with strides {:?} is not one matrix", l1.dims(), l1.stride())
+            };
+            if l2.dims().len() != 2 || k != k2 || l3.dims() != [n] {
                 candle_core::bail!("linear shapes {:?}, {:?}, {:?} do not match", l1.dims(), l2.dims(), l3.dims())
             }
             let bias = match l3.contiguous_offsets() {
@@ -229,7 +248,9 @@ impl CustomOp3 for Linear {
                 c: Mat { offset: 0, rs: n as isize, cs: 1 },
             };
             run((rows, n, k), x, w, &mut c, &[product], 1.0, true, None);
-            Ok((CpuStorage::F32(c), Shape::from((rows, n))))
+            let mut dims = l1.dims().to_vec();
+            *dims.last_mut().expect("rank ≥ 2") = n;
+            Ok((CpuStorage::F32(c), Shape::from(dims)))
         })
     }
 
@@ -243,8 +264,10 @@ impl CustomOp3 for Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = MatMul { scale: 1.0 };
         let dx = grad.apply_op2_no_bwd(w, &op)?;
-        let dw = grad.t()?.apply_op2_no_bwd(x, &op)?;
-        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSums)?;
+        let (k, n) = (w.dim(1)?, w.dim(0)?);
+        let (grad2, x2) = (grad.reshape(((), n))?, x.reshape(((), k))?);
+        let dw = grad2.t()?.apply_op2_no_bwd(&x2, &op)?;
+        let db = grad2.contiguous()?.apply_op1_no_bwd(&ColumnSums)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }

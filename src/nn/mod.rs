@@ -94,14 +94,25 @@ fn own_gemm(ts: &[&Tensor]) -> bool {
     precision() == Precision::Fp32 && ts.iter().all(|t| fused::cpu_f32(t))
 }
 
-/// `x·weightᵀ + bias` for 2-D x (rows, in) and weight (out, in), in the thread's precision; on
-/// the CPU in fp32 the bias is added in the product's own pass.
+/// `x·weightᵀ + bias` for x (…, in) and weight (out, in), in the thread's precision; on the CPU
+/// in fp32 the bias is added in the product's own pass.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    match bias {
-        Some(b) if own_gemm(&[x, weight, b]) => x.apply_op3(weight, b, gemm::Linear),
-        Some(b) => matmul(x, &weight.t()?)?.broadcast_add(b),
-        None => matmul(x, &weight.t()?),
+    if let Some(b) = bias {
+        if own_gemm(&[x, weight, b]) && gemm::rows_of(x.layout()).is_some() {
+            return x.apply_op3(weight, b, gemm::Linear);
+        }
     }
+    let dims = x.dims().to_vec();
+    let in_dim = *dims.last().ok_or_else(|| candle_core::Error::Msg("linear: a 0-d input".into()))?;
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = matmul(&x.reshape((rows, in_dim))?, &weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = weight.dim(0)?;
+    y.reshape(out_dims)
 }
 
 /// The reference's exact (erf) GELU.
@@ -230,13 +241,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has at least one dimension");
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref())?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
-        y.reshape(out_dims)
+        linear(x, &self.weight, self.bias.as_ref())
     }
 }
 
