@@ -27,10 +27,15 @@ pub struct EncodedSplit {
 /// Texts per fusion call when scoring.
 const CHUNK: usize = 128;
 
+/// Texts are cut to their length rounded up to this many tokens: a text's numbers then depend
+/// on nothing but itself, whatever else shares its fusion call (sharded evaluation scores other
+/// lists than one process and must give the same bits).
+const LENGTH_BUCKET: usize = 8;
+
 /// ITM class-1 logits of `texts` (indices) against image `i`; the image states are shared by
-/// the batch rather than repeated (same numbers, far fewer cross-attention projections). The
-/// texts go in order of length, and each call is cut to its longest text: the padding it drops
-/// is masked with −10000, whose softmax weight is exactly 0 in f32, so no score changes.
+/// the batch rather than repeated (same numbers, far fewer cross-attention projections). Texts
+/// are grouped by length bucket and each call is cut to its bucket: the padding it drops is
+/// masked with −10000, whose softmax weight is exactly 0 in f32.
 fn itm_scores(
     model: &ContrastiveModel,
     enc: &EncodedSplit,
@@ -39,19 +44,22 @@ fn itm_scores(
     texts: &[usize],
 ) -> Result<Vec<f32>> {
     let dev = enc.image_states.device();
-    let mut order: Vec<usize> = (0..texts.len()).collect();
-    order.sort_by_key(|&j| (lengths[texts[j]], texts[j]));
-    let mut out = vec![0f32; texts.len()];
     let full = enc.text_states.dim(1)?;
-    for chunk in order.chunks(CHUNK) {
-        let ids: Vec<u32> = chunk.iter().map(|&j| texts[j] as u32).collect();
-        let len = chunk.iter().map(|&j| lengths[texts[j]]).max().unwrap_or(full).clamp(1, full);
-        let sel = Tensor::from_vec(ids, chunk.len(), dev)?;
-        let text = enc.text_states.index_select(&sel, 0)?.narrow(1, 0, len)?;
-        let mask = enc.text_mask.index_select(&sel, 0)?.narrow(1, 0, len)?;
-        let fused = model.fuse(&text, &mask, &enc.image_states.i(i..i + 1)?)?;
-        for (&j, s) in chunk.iter().zip(model.itm_logits(&fused)?.i((.., 1))?.to_vec1::<f32>()?) {
-            out[j] = s;
+    let bucket = |t: usize| (lengths[t].div_ceil(LENGTH_BUCKET) * LENGTH_BUCKET).clamp(1, full);
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&j| (bucket(texts[j]), texts[j]));
+    let mut out = vec![0f32; texts.len()];
+    for group in order.chunk_by(|&a, &b| bucket(texts[a]) == bucket(texts[b])) {
+        let len = bucket(texts[group[0]]);
+        for chunk in group.chunks(CHUNK) {
+            let ids: Vec<u32> = chunk.iter().map(|&j| texts[j] as u32).collect();
+            let sel = Tensor::from_vec(ids, chunk.len(), dev)?;
+            let text = enc.text_states.index_select(&sel, 0)?.narrow(1, 0, len)?;
+            let mask = enc.text_mask.index_select(&sel, 0)?.narrow(1, 0, len)?;
+            let fused = model.fuse(&text, &mask, &enc.image_states.i(i..i + 1)?)?;
+            for (&j, s) in chunk.iter().zip(model.itm_logits(&fused)?.i((.., 1))?.to_vec1::<f32>()?) {
+                out[j] = s;
+            }
         }
     }
     Ok(out)
