@@ -12,14 +12,20 @@ use super::simd::{self, vectorized};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("fused {what}: only f32 is supported"),
-    };
+/// The f32 data of a CPU storage, whole (a layout then says where each element is).
+pub(super) fn f32s<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v.as_slice()),
+        _ => candle_core::bail!("{what}: only f32 is supported on this path"),
+    }
+}
+
+/// The elements of a contiguous layout of a CPU storage, in order.
+pub(super) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = f32s(s, what)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused {what}: input must be contiguous"),
+        None => candle_core::bail!("{what}: the input must be contiguous"),
     }
 }
 

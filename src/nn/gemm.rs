@@ -6,16 +6,10 @@
 //! (B, L, H·dh) tensor, a transposed weight), write their output once, add a linear layer's
 //! bias in the same pass, and share a batch of products out whole between the threads.
 
+use super::fused::{contiguous, f32s};
 use super::profile::{self, Kind};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-fn f32s<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => Ok(v.as_slice()),
-        _ => candle_core::bail!("{what}: only f32 is supported on this path"),
-    }
-}
 
 /// A matrix inside a buffer: element (i, j) is at `offset + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -226,7 +220,7 @@ impl CustomOp3 for Linear {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         profile::time(Kind::Matmul, || {
-            let (x, w, bias) = (f32s(s1, "linear")?, f32s(s2, "linear")?, f32s(s3, "linear")?);
+            let (x, w, bias) = (f32s(s1, "linear")?, f32s(s2, "linear")?, contiguous(s3, l3, "linear bias")?);
             let (_, k, _, x_cs) = last2(l1);
             let (n, k2, w_rs, w_cs) = last2(l2);
             let Some((rows, x_rs)) = rows_of(l1) else {
@@ -235,10 +229,6 @@ impl CustomOp3 for Linear {
             if l2.dims().len() != 2 || k != k2 || l3.dims() != [n] {
                 candle_core::bail!("linear shapes {:?}, {:?}, {:?} do not match", l1.dims(), l2.dims(), l3.dims())
             }
-            let bias = match l3.contiguous_offsets() {
-                Some((s, e)) => &bias[s..e],
-                None => candle_core::bail!("linear: the bias must be contiguous"),
-            };
             let mut c = output(rows * n);
             c.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(bias));
             let product = Product {
@@ -479,10 +469,7 @@ impl CustomOp3 for AttentionProbs {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let mask = match (f32s(s3, "attention mask")?, l3.contiguous_offsets()) {
-            (m, Some((a, b))) => &m[a..b],
-            (_, None) => candle_core::bail!("attention: the mask must be contiguous"),
-        };
+        let mask = contiguous(s3, l3, "attention mask")?;
         self.forward((s1, l1), (s2, l2), Some((mask, l3)))
     }
 
@@ -510,10 +497,7 @@ impl candle_core::CustomOp1 for ColumnSums {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         profile::time(Kind::Matmul, || {
-            let g = match (f32s(s, "column sums")?, l.contiguous_offsets()) {
-                (g, Some((a, b))) => &g[a..b],
-                (_, None) => candle_core::bail!("column sums: the input must be contiguous"),
-            };
+            let g = contiguous(s, l, "column sums")?;
             let (rows, n) = match *l.dims() {
                 [r, n] => (r, n),
                 _ => candle_core::bail!("column sums: expected a matrix, got {:?}", l.dims()),
