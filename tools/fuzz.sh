@@ -4,9 +4,10 @@
 # more than --timeout seconds, no allocation over --malloc-mb, resident memory under --rss-mb
 # (leaks are not checked: a reader that returns frees what it made, and LeakSanitizer needs ptrace).
 #
-#   tools/fuzz.sh [--runs N | --time S] [--timeout S] [--no-build] [TARGET...]
+#   tools/fuzz.sh [--runs N] [--time S] [--timeout S] [--no-build] [TARGET...]
 #
-# Default: every target, --time 60. Needs a nightly toolchain and cargo-fuzz
+# Default: every target, --time 60. Both --runs and --time: whichever comes first (the long run:
+# --runs 1000000 --time 3600). Needs a nightly toolchain and cargo-fuzz
 # (`rustup toolchain install nightly --profile minimal`, `cargo install cargo-fuzz --locked`).
 # Corpora grow in fuzz/corpus/<target> (seeds: fuzz/seeds/<target> and the repo's fixtures);
 # a crashing input is written to fuzz/artifacts/<target>/ and the script exits non-zero.
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ALL=(pth safetensors config_yaml bert_config annotations tokenizer refer_pickle parquet shards image)
-limit=(-max_total_time=60)
+limit=()
 timeout=10
 malloc_mb=512
 rss_mb=2048
@@ -23,18 +24,19 @@ build=1
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --runs) limit=(-runs="$2"); shift 2 ;;
-    --time) limit=(-max_total_time="$2"); shift 2 ;;
+    --runs) limit+=(-runs="$2"); shift 2 ;;
+    --time) limit+=(-max_total_time="$2"); shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
     --malloc-mb) malloc_mb="$2"; shift 2 ;;
     --rss-mb) rss_mb="$2"; shift 2 ;;
     --no-build) build=0; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
 [ ${#targets[@]} -gt 0 ] || targets=("${ALL[@]}")
+[ ${#limit[@]} -gt 0 ] || limit=(-max_total_time=60)
 
 # The repo's own fixtures, as extra (read-only) seed folders.
 extra_seeds() {

@@ -25,7 +25,7 @@ def _rebuild_tensor_v2(*args):
 
 _rebuild_tensor_v2.__module__ = "torch._utils"
 utils._rebuild_tensor_v2 = _rebuild_tensor_v2
-for name in ["FloatStorage", "LongStorage", "HalfStorage"]:
+for name in ["FloatStorage", "LongStorage", "HalfStorage", "IntStorage", "BoolStorage"]:
     cls = type(name, (), {"__module__": "torch"})
     setattr(torch, name, cls)
 
@@ -79,6 +79,13 @@ def main(out):
     sd["temp"] = Tensor(half, 1, [])
     write(os.path.join(out, "torch_wrapped.pth"), {"model": sd, "epoch": 3}, [w, ids, half])
     write(os.path.join(out, "torch_raw.pth"), sd, [w, ids, half])
+    # Storage types candle cannot read (albef names the keys instead of skipping them).
+    ints = Storage("IntStorage", "3", 2, struct.pack("<2i", 7, 8))
+    flags = Storage("BoolStorage", "4", 2, b"\x01\x00")
+    odd = collections.OrderedDict(sd)
+    odd["idx_queue"] = Tensor(ints, 0, [2])
+    odd["mask"] = Tensor(flags, 0, [2])
+    write(os.path.join(out, "unreadable_storages.pth"), {"model": odd}, [w, ids, half, ints, flags])
 
 
 if __name__ == "__main__":

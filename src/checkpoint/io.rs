@@ -193,8 +193,55 @@ fn scan_pth(path: &Path) -> Result<BTreeMap<String, u64>> {
             bail!("{what}: the pickle is larger than {MAX_PICKLE_BYTES} bytes");
         }
         super::pickle_guard::check_pickle(&data, &what)?;
+        refuse_unreadable_storages(&data, &what)?;
     }
     Ok(sizes)
+}
+
+/// Storage types the allow-list lets through but candle cannot read: it skips such a tensor with
+/// an unlocated line on stderr, and the key would then look merely missing.
+const UNREADABLE_STORAGES: [&str; 4] = ["IntStorage", "ShortStorage", "CharStorage", "BoolStorage"];
+
+/// Names every tensor (key and storage type) that candle would skip. The pickle is parsed only
+/// when it names one of those types, and only after `pickle_guard` has bounded it.
+fn refuse_unreadable_storages(data: &[u8], what: &str) -> Result<()> {
+    let named = |s: &str| data.windows(s.len()).any(|w| w == s.as_bytes());
+    if !UNREADABLE_STORAGES.iter().any(|s| named(s)) {
+        return Ok(());
+    }
+    let mut stack = candle_core::pickle::Stack::empty();
+    stack.read_loop(&mut std::io::Cursor::new(data)).with_context(|| format!("{what}: cannot parse the pickle"))?;
+    let root = stack.finalize().with_context(|| format!("{what}: cannot parse the pickle"))?;
+    let mut unreadable = Vec::new();
+    collect_unreadable(root, "", &mut unreadable);
+    if unreadable.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{what}: albef cannot read {} tensor(s): {} (it reads float32, float64, float16, bfloat16, uint8 and int64 \
+         tensors; convert these in PyTorch, e.g. with .long() or .float(), and save again)",
+        unreadable.len(),
+        unreadable.join(", ")
+    )
+}
+
+/// Walks the state dict (and a dict such as `{'model': state_dict}` around it) as candle does.
+fn collect_unreadable(obj: candle_core::pickle::Object, prefix: &str, out: &mut Vec<String>) {
+    use candle_core::pickle::Object;
+    let Object::Dict(items) = obj else { return };
+    for (key, value) in items {
+        let Object::Unicode(name) = &key else { continue };
+        let name = format!("{prefix}{name}");
+        if matches!(value, Object::Dict(_)) {
+            collect_unreadable(value, &format!("{name}."), out);
+        } else if let Err(e) = value.into_tensor_info(key, Path::new("")) {
+            let e = e.to_string();
+            match UNREADABLE_STORAGES.iter().find(|s| e.contains(*s)) {
+                Some(storage) => out.push(format!("{name} ({storage})")),
+                None => out.push(format!("{name} ({})", e.lines().next().unwrap_or_default())),
+            }
+        }
+    }
 }
 
 fn open_pth(path: &Path) -> Result<CheckpointFile> {

@@ -9,6 +9,7 @@ pub mod check;
 pub mod classify;
 pub mod grounding;
 pub mod loader;
+mod parquet_guard;
 pub mod prepare;
 pub mod pretrain;
 pub mod refcoco;

@@ -4,6 +4,7 @@
 //! with one entry per expression (`image` under the COCO root, `text`, `ref_id`, `image_id`,
 //! `bbox` [x, y, w, h]) and, for the REFER input, `refs(<name>).json`, the pickle as JSON.
 
+use super::parquet_guard;
 use super::prepare::{write_all, Written};
 use anyhow::{bail, Context, Result};
 use arrow_array::{Array, Float64Array, Int64Array, ListArray, RecordBatch, StringArray};
@@ -159,10 +160,14 @@ fn corners_to_xywh(b: &[f64]) -> Result<Vec<f64>> {
 pub fn from_parquet(files: &[PathBuf], dataset: &str, out: &Path, force: bool) -> Result<Written> {
     let mut splits: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for file in files {
-        let f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .with_context(|| format!("{} is not a readable parquet file", file.display()))?
-            .build()?;
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let damaged = || format!("{} is not a readable parquet file", file.display());
+        parquet_guard::check_footer(&bytes).with_context(damaged)?;
+        let bytes = bytes::Bytes::from(bytes);
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+            .with_context(damaged)?;
+        parquet_guard::check_pages(&bytes, builder.metadata()).with_context(damaged)?;
+        let reader = builder.build()?;
         let mut row = 0usize;
         for batch in reader {
             let batch = batch.with_context(|| format!("{}: cannot decode rows after row {row}", file.display()))?;
