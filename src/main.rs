@@ -72,6 +72,7 @@ fn main() {
     // and memory handed back is faulted in again page by page (-1: never purge).
     // SAFETY: sets a process-wide allocator option; no other thread runs yet.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    albef::util::install_panic_hook();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Checkpoint(c) => cli::checkpoint::run(c),

@@ -103,3 +103,36 @@ pub mod mem {
         }
     }
 }
+
+thread_local! {
+    /// Set while `contain_panics` runs its closure on this thread.
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs third-party decoding of an untrusted file that may panic on hostile input (the parquet
+/// crate `expect`s what a damaged file need not hold) and turns a panic into an error. What `f`
+/// touches is dropped with it, so no broken state outlives the panic.
+pub fn contain_panics<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let outer = CONTAINING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINING.with(|c| c.set(outer));
+    result.unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(anyhow::anyhow!("the reader gave up on a damaged part of the file ({message})"))
+    })
+}
+
+/// Keeps panics that `contain_panics` turns into errors off stderr; every other panic goes to the
+/// hook that was installed before (the default one, or the fuzzer's, which aborts).
+pub fn install_panic_hook() {
+    let next = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !CONTAINING.with(|c| c.get()) {
+            next(info)
+        }
+    }));
+}

@@ -130,3 +130,18 @@ fn slow_parquet_footer_is_refused_before_the_parquet_crate_parses_it() {
     assert!(err.contains("footer") && err.contains("elements in"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Found by the `parquet` target (a panic: "Decoder for dict should have been set", in the parquet
+/// crate, for a data page in dictionary encoding with no dictionary page before it). The crate's
+/// decoding runs under `util::contain_panics`: the file is refused, naming it and the row.
+#[test]
+fn parquet_page_without_its_dictionary_is_an_error_not_a_panic() {
+    albef::util::install_panic_hook();
+    let (dir, file) = staged("parquet", "dictionary_page_missing.parquet", "input.parquet");
+    let out = dir.join("out");
+    let err = format!("{:#}", from_parquet(std::slice::from_ref(&file), "refcoco", &out, true).expect_err("refused"));
+    assert!(err.contains("input.parquet: cannot decode rows after row 0"), "{err}");
+    assert!(err.contains("damaged part of the file (Decoder for dict should have been set)"), "{err}");
+    assert!(!out.exists(), "nothing is written for a refused file");
+    std::fs::remove_dir_all(dir).unwrap();
+}

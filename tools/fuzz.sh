@@ -82,9 +82,10 @@ for t in "${targets[@]}"; do
     -malloc_limit_mb="$malloc_mb" -rss_limit_mb="$rss_mb" -max_len="$(max_len "$t")" \
     -detect_leaks=0 -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" \
     "fuzz/corpus/$t" "${seeds[@]}" >"$log" 2>&1 || rc=$?
+  # A failed run has no final stats: every lookup may come back empty.
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
-  secs=$(grep -o 'DONE *cov: [0-9]* ft: [0-9]* corp: [0-9/]*[a-zA-Z]* lim: [0-9]* exec/s: [0-9]* rss: [0-9]*Mb' "$log" | tail -1)
+  secs=$(grep -o 'DONE *cov: [0-9]* ft: [0-9]* corp: [0-9/]*[a-zA-Z]* lim: [0-9]* exec/s: [0-9]* rss: [0-9]*Mb' "$log" | tail -1 || true)
   if [ "$rc" = 0 ]; then
     outcome=ok
   else
@@ -93,7 +94,7 @@ for t in "${targets[@]}"; do
   fi
   summary+=("$(printf '%-13s %12s %8s  %s' "$t" "${runs:-?}" "${rate:-?}" "$outcome")")
   tail -n 4 "$log" | sed 's/^/   /'
-  [ -n "$secs" ] && echo "   $secs"
+  if [ -n "$secs" ]; then echo "   $secs"; fi
 done
 printf '\n%-13s %12s %8s  %s\n' target inputs exec/s outcome
 printf '%s\n' "${summary[@]}"

@@ -15,6 +15,9 @@ pub fn scratch() -> &'static Path {
             root.join(format!("albef-fuzz-{}", std::process::id()))
         });
         std::fs::create_dir_all(&base).expect("cannot create the fuzz scratch folder");
+        // As the binary does: a panic inside `util::contain_panics` (third-party decoders of
+        // untrusted files) is an error; any other still reaches the fuzzer's hook, which aborts.
+        albef::util::install_panic_hook();
         // The pixel limit the image targets run under: large enough for any seed, small enough
         // that an image the limit lets through decodes within the per-input time limit.
         albef::data::transform::set_max_image_pixels(MAX_PIXELS);

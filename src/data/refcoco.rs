@@ -6,6 +6,7 @@
 
 use super::parquet_guard;
 use super::prepare::{write_all, Written};
+use crate::util::contain_panics;
 use anyhow::{bail, Context, Result};
 use arrow_array::{Array, Float64Array, Int64Array, ListArray, RecordBatch, StringArray};
 use serde_json::{json, Map, Value};
@@ -164,13 +165,17 @@ pub fn from_parquet(files: &[PathBuf], dataset: &str, out: &Path, force: bool) -
         let damaged = || format!("{} is not a readable parquet file", file.display());
         parquet_guard::check_footer(&bytes).with_context(damaged)?;
         let bytes = bytes::Bytes::from(bytes);
-        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
-            .with_context(damaged)?;
-        parquet_guard::check_pages(&bytes, builder.metadata()).with_context(damaged)?;
-        let reader = builder.build()?;
+        let mut reader = contain_panics(|| {
+            let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?;
+            parquet_guard::check_pages(&bytes, builder.metadata())?;
+            Ok(builder.build()?)
+        })
+        .with_context(damaged)?;
         let mut row = 0usize;
-        for batch in reader {
-            let batch = batch.with_context(|| format!("{}: cannot decode rows after row {row}", file.display()))?;
+        loop {
+            let batch = contain_panics(|| Ok(reader.next().transpose()?))
+                .with_context(|| format!("{}: cannot decode rows after row {row}", file.display()))?;
+            let Some(batch) = batch else { break };
             let ref_id = column::<Int64Array>(&batch, "ref_id", file)?;
             let image_id = column::<Int64Array>(&batch, "image_id", file)?;
             let split = column::<StringArray>(&batch, "split", file)?;
