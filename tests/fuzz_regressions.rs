@@ -145,3 +145,18 @@ fn parquet_page_without_its_dictionary_is_an_error_not_a_panic() {
     assert!(!out.exists(), "nothing is written for a refused file");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Found by the `image` target (a panic: an index out of bounds in zune-jpeg's 1×1 IDCT, the
+/// `image` crate's JPEG decoder, on a 701-byte baseline JPEG). Decoding runs under
+/// `util::contain_panics`: the image is refused with its name.
+#[test]
+fn jpeg_that_panics_the_decoder_is_an_error_naming_the_image() {
+    albef::util::install_panic_hook();
+    let bytes = std::fs::read(input("image", "idct_out_of_bounds.jpg")).unwrap();
+    let err = match albef::data::transform::RgbImage::decode(&bytes, "photo.jpg") {
+        Ok(_) => panic!("a damaged JPEG was decoded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("cannot decode image photo.jpg"), "{err}");
+    assert!(err.contains("damaged part of the file"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! The evaluation image transform: decode → RGB → `Resize((R, R), BICUBIC)` exactly as Pillow
 //! does it → `ToTensor` → `Normalize` with CLIP's mean and std (§6.4).
 
+use crate::util::contain_panics;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -50,9 +51,11 @@ impl RgbImage {
                 .with_context(|| format!("cannot read image {name}"))
         };
         // The header alone gives the size: refuse a bomb before anything is allocated for it.
-        let (w, h) = reader()?
-            .into_dimensions()
-            .with_context(|| format!("cannot decode image {name} (truncated or not an image?)"))?;
+        // The decoders panic on some damaged files (zune-jpeg indexes out of bounds in its IDCT):
+        // `contain_panics` makes that an error naming the file.
+        let damaged = || format!("cannot decode image {name} (truncated or not an image?)");
+        let header = reader()?;
+        let (w, h) = contain_panics(|| Ok(header.into_dimensions()?)).with_context(damaged)?;
         let (pixels, max) = (w as u64 * h as u64, max_image_pixels());
         if pixels > max {
             anyhow::bail!(
@@ -76,8 +79,7 @@ impl RgbImage {
                 anyhow::bail!("cannot decode image {name}: JPEG truncated ({why})");
             }
         }
-        let img =
-            reader.decode().with_context(|| format!("cannot decode image {name} (truncated or not an image?)"))?;
+        let img = contain_panics(|| Ok(reader.decode()?)).with_context(damaged)?;
         let rgb = img.to_rgb8();
         Ok(Self { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
     }
