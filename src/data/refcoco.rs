@@ -165,12 +165,12 @@ pub fn from_parquet(files: &[PathBuf], dataset: &str, out: &Path, force: bool) -
         let damaged = || format!("{} is not a readable parquet file", file.display());
         parquet_guard::check_footer(&bytes).with_context(damaged)?;
         let bytes = bytes::Bytes::from(bytes);
-        let mut reader = contain_panics(|| {
-            let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?;
-            parquet_guard::check_pages(&bytes, builder.metadata())?;
-            Ok(builder.build()?)
+        let builder = contain_panics(|| {
+            Ok(parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?)
         })
         .with_context(damaged)?;
+        parquet_guard::check_pages(&bytes, builder.metadata()).with_context(damaged)?;
+        let mut reader = contain_panics(|| Ok(builder.build()?)).with_context(damaged)?;
         let mut row = 0usize;
         loop {
             let batch = contain_panics(|| Ok(reader.next().transpose()?))
