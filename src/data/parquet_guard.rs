@@ -148,7 +148,7 @@ impl Walker<'_> {
     /// One value of compact type `ty` (as an element: booleans take a byte); integers are returned.
     fn value(&mut self, ty: u8, depth: u32) -> Result<Option<i64>> {
         match ty {
-            1 | 2 | 3 => self.skip(1)?,
+            1..=3 => self.skip(1)?,
             4..=6 => return self.zigzag().map(Some),
             7 => self.skip(8)?,
             8 => {
