@@ -24,6 +24,17 @@ fn staged(target: &str, name: &str, as_name: &str) -> (PathBuf, PathBuf) {
     (dir, path)
 }
 
+/// The `parquet` target: `data prepare refcoco --parquet` on the input. Returns the error, which
+/// must come (no output written) instead of a panic or a hang.
+fn refused_parquet(name: &str) -> String {
+    let (dir, file) = staged("parquet", name, "input.parquet");
+    let out = dir.join("out");
+    let err = format!("{:#}", from_parquet(std::slice::from_ref(&file), "refcoco", &out, true).expect_err("refused"));
+    assert!(!out.exists(), "nothing is written for a refused file");
+    std::fs::remove_dir_all(dir).unwrap();
+    err
+}
+
 /// The `shards` target: every sample read and decoded. Returns the damage report.
 fn replay_shard(path: &Path) -> anyhow::Result<Option<String>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -124,12 +135,9 @@ fn python_refer_pickles_of_protocols_0_and_2_still_open() {
 /// refuses every collection of booleans, and any count larger than the bytes left).
 #[test]
 fn slow_parquet_footer_is_refused_before_the_parquet_crate_parses_it() {
-    let (dir, file) = staged("parquet", "slow_thrift_skip.parquet", "input.parquet");
-    let out = dir.join("out");
-    let err = format!("{:#}", from_parquet(std::slice::from_ref(&file), "refcoco", &out, true).expect_err("refused"));
+    let err = refused_parquet("slow_thrift_skip.parquet");
     assert!(err.contains("input.parquet is not a readable parquet file"), "{err}");
     assert!(err.contains("footer") && err.contains("a collection of booleans"), "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Found by the `parquet` target (a panic: "Decoder for dict should have been set", in the parquet
@@ -138,13 +146,9 @@ fn slow_parquet_footer_is_refused_before_the_parquet_crate_parses_it() {
 #[test]
 fn parquet_page_without_its_dictionary_is_an_error_not_a_panic() {
     albef::util::install_panic_hook();
-    let (dir, file) = staged("parquet", "dictionary_page_missing.parquet", "input.parquet");
-    let out = dir.join("out");
-    let err = format!("{:#}", from_parquet(std::slice::from_ref(&file), "refcoco", &out, true).expect_err("refused"));
+    let err = refused_parquet("dictionary_page_missing.parquet");
     assert!(err.contains("input.parquet: cannot decode rows after row 0"), "{err}");
     assert!(err.contains("damaged part of the file (Decoder for dict should have been set)"), "{err}");
-    assert!(!out.exists(), "nothing is written for a refused file");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Found by the `image` target (a panic: an index out of bounds in zune-jpeg's 1×1 IDCT, the
@@ -180,10 +184,7 @@ fn very_wide_jpeg_decodes_and_resizes() {
 /// page headers now refuses collections of booleans first.
 #[test]
 fn parquet_page_header_with_a_list_of_booleans_is_refused_first() {
-    let (dir, file) = staged("parquet", "slow_page_header.parquet", "input.parquet");
-    let out = dir.join("out");
-    let err = format!("{:#}", from_parquet(std::slice::from_ref(&file), "refcoco", &out, true).expect_err("refused"));
+    let err = refused_parquet("slow_page_header.parquet");
     assert!(err.contains("input.parquet is not a readable parquet file"), "{err}");
     assert!(err.contains("page header") && err.contains("a collection of booleans"), "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
