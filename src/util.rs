@@ -127,12 +127,16 @@ pub fn contain_panics<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 /// Keeps panics that `contain_panics` turns into errors off stderr; every other panic goes to the
-/// hook that was installed before (the default one, or the fuzzer's, which aborts).
+/// hook that was installed before (the default one, or the fuzzer's, which aborts). Installed
+/// once per process however often it is called (each test that needs it calls it).
 pub fn install_panic_hook() {
-    let next = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if !CONTAINING.with(|c| c.get()) {
-            next(info)
-        }
-    }));
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let next = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINING.with(|c| c.get()) {
+                next(info)
+            }
+        }));
+    });
 }
