@@ -27,11 +27,34 @@ pub enum Mode {
 pub struct CrossStates {
     pub states: Tensor,
     pub mask: Option<Tensor>,
+    /// The row of `states` (and `mask`) each query row attends to, u32 (B,), when query rows
+    /// share states (ITM pairs one image with several texts): keys and values are then projected
+    /// once per row of `states`, not once per query row. `None`: query row i attends to row i.
+    pub rows: Option<Tensor>,
 }
 
 impl CrossStates {
     pub fn image(states: &Tensor) -> Self {
-        Self { states: states.clone(), mask: None }
+        Self { states: states.clone(), mask: None, rows: None }
+    }
+
+    /// Image states read by query row i from row `rows[i]` of `states`.
+    pub fn image_rows(states: &Tensor, rows: &Tensor) -> Self {
+        Self { states: states.clone(), mask: None, rows: Some(rows.clone()) }
+    }
+}
+
+/// What one cross-attention layer reads: [`CrossStates`] with the mask made additive.
+#[derive(Clone, Copy)]
+struct CrossInput<'a> {
+    states: &'a Tensor,
+    mask: Option<&'a Tensor>,
+    rows: Option<&'a Tensor>,
+}
+
+impl<'a> CrossInput<'a> {
+    fn unmasked(states: &'a Tensor) -> Self {
+        Self { states, mask: None, rows: None }
     }
 }
 
@@ -81,20 +104,28 @@ impl Attention {
     }
 
     /// LN(x + Dense(Attn(q = x, kv = kv_states))). `kv_states` with batch 1 is shared by every
-    /// query row (evaluation: many candidate texts against one image).
-    fn forward(&self, x: &Tensor, kv_states: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    /// query row (evaluation: many candidate texts against one image); with `rows`, query row i
+    /// reads row `rows[i]` of the projected keys and values.
+    fn forward(
+        &self,
+        x: &Tensor,
+        kv_states: &Tensor,
+        rows: Option<&Tensor>,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (k, v) = (self.key.forward(kv_states)?, self.value.forward(kv_states)?);
         if kv_states.dim(0)? == 1 && x.dim(0)? > 1 && mask.is_none() && !train {
-            let ctx = attention_shared_kv(
-                &self.query.forward(x)?,
-                &self.key.forward(kv_states)?,
-                &self.value.forward(kv_states)?,
-                self.heads,
-            )?;
+            let ctx = attention_shared_kv(&self.query.forward(x)?, &k, &v, self.heads)?;
             return self.norm.forward(&(self.dense.forward(&ctx)? + x)?);
         }
-        let probs = attention_probs(&self.query.forward(x)?, &self.key.forward(kv_states)?, self.heads, mask)?;
+        let (k, v) = match rows {
+            Some(r) => (k.index_select(r, 0)?, v.index_select(r, 0)?),
+            None => (k, v),
+        };
+        let probs = attention_probs(&self.query.forward(x)?, &k, self.heads, mask)?;
         let probs = dropout(&probs, self.attn_dropout, train)?;
-        let ctx = attention_context(&probs, &self.value.forward(kv_states)?, self.heads)?;
+        let ctx = attention_context(&probs, &v, self.heads)?;
         let out = dropout(&self.dense.forward(&ctx)?, self.hidden_dropout, train)?;
         self.norm.forward(&(out + x)?)
     }
@@ -133,16 +164,10 @@ struct Layer {
 }
 
 impl Layer {
-    fn forward(
-        &self,
-        x: &Tensor,
-        mask: &Tensor,
-        cross: Option<(&Tensor, Option<&Tensor>)>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let mut h = self.attention.forward(x, x, Some(mask), train)?;
-        if let (Some(attn), Some((states, cmask))) = (&self.cross, cross) {
-            h = attn.forward(&h, states, cmask, train)?;
+    fn forward(&self, x: &Tensor, mask: &Tensor, cross: Option<CrossInput>, train: bool) -> Result<Tensor> {
+        let mut h = self.attention.forward(x, x, None, Some(mask), train)?;
+        if let (Some(attn), Some(c)) = (&self.cross, cross) {
+            h = attn.forward(&h, c.states, c.rows, c.mask, train)?;
         }
         let ff = self.output.forward(&crate::nn::gelu(&self.intermediate.forward(&h)?)?)?;
         self.norm.forward(&(dropout(&ff, self.hidden_dropout, train)? + h)?)
@@ -156,7 +181,7 @@ impl Layer {
         states: &Tensor,
         perturb: Option<&Tensor>,
     ) -> Result<(Tensor, Var)> {
-        let h = self.attention.forward(x, x, Some(mask), false)?;
+        let h = self.attention.forward(x, x, None, Some(mask), false)?;
         let Some(cross) = &self.cross else { candle_core::bail!("this BERT layer has no cross-attention") };
         let (h, probs) = cross.forward_probe(&h, states, None, perturb)?;
         let ff = self.output.forward(&crate::nn::gelu(&self.intermediate.forward(&h)?)?)?;
@@ -281,13 +306,24 @@ impl BertModel {
             _ => additive_mask(mask, -10000.0)?,
         };
         // transformers' `invert_attention_mask`: −1e9 in fp32.
-        let cross_masks: Vec<Option<Tensor>> =
-            cross.iter().map(|c| c.mask.as_ref().map(|m| additive_mask(m, -1e9)).transpose()).collect::<Result<_>>()?;
+        let cross_masks: Vec<Option<Tensor>> = cross
+            .iter()
+            .map(|c| {
+                c.mask
+                    .as_ref()
+                    .map(|m| additive_mask(&c.rows.as_ref().map_or(Ok(m.clone()), |r| m.index_select(r, 0))?, -1e9))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
         let mut h = x.clone();
         for l in range {
             let c = if l >= self.fusion_layer && !cross.is_empty() {
                 let i = (l - self.fusion_layer) % cross.len();
-                Some((&cross[i].states, cross_masks[i].as_ref()))
+                Some(CrossInput {
+                    states: &cross[i].states,
+                    mask: cross_masks[i].as_ref(),
+                    rows: cross[i].rows.as_ref(),
+                })
             } else {
                 None
             };
@@ -332,13 +368,13 @@ impl BertModel {
         let self_mask = additive_mask(mask, -10000.0)?;
         let mut h = self.embeddings.forward(ids, false)?;
         for l in 0..probe {
-            let c = (l >= self.fusion_layer).then_some((image, None));
+            let c = (l >= self.fusion_layer).then_some(CrossInput::unmasked(image));
             h = self.layers[l].forward(&h, &self_mask, c, false)?;
         }
         let image = image.detach();
         let (mut h, probs) = self.layers[probe].forward_probe(&h.detach(), &self_mask, &image, perturb)?;
         for l in probe + 1..self.layers.len() {
-            h = self.layers[l].forward(&h, &self_mask, Some((&image, None)), false)?;
+            h = self.layers[l].forward(&h, &self_mask, Some(CrossInput::unmasked(&image)), false)?;
         }
         Ok((h, probs))
     }

@@ -143,8 +143,6 @@ pub fn itm<R: Rng>(
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let b = text_embeds.dim(0)?;
     let dev = text_embeds.device();
-    let output_pos =
-        bert.forward_embeds(text_embeds, text_mask, &[CrossStates::image(image_embeds)], Mode::Fusion, train)?;
     let to_idx = |v: &[usize]| Tensor::from_vec(v.iter().map(|&x| x as u32).collect::<Vec<_>>(), v.len(), dev);
     let (neg_img, neg_txt) = match negatives {
         Negatives::Given { image, text } => (to_idx(&image)?, to_idx(&text)?),
@@ -155,16 +153,20 @@ pub fn itm<R: Rng>(
             (sample_rows(weights_t2i, &u_img)?, sample_rows(weights_i2t, &u_txt)?)
         }
     };
-    let image_neg = image_embeds.index_select(&neg_img, 0)?;
+    // The reference's two fusion passes (B positive pairs, then each text with a sampled image
+    // and each image with a sampled text) as one pass over the 3B pairs, in its order. Every
+    // pair's image is a row of `image_embeds`, so the cross-attention keys and values are
+    // projected once per image, not once per pair: a third of the reference's products, with
+    // the same per-pair values (every row of a projection is computed alone).
+    let own = Tensor::arange(0u32, b as u32, dev)?;
+    let image_rows = Tensor::cat(&[&own, &neg_img, &own], 0)?;
     let text_neg = text_embeds.index_select(&neg_txt, 0)?;
     let mask_neg = text_mask.index_select(&neg_txt, 0)?;
-    let text_all = Tensor::cat(&[text_embeds, &text_neg], 0)?;
-    let mask_all = Tensor::cat(&[text_mask, &mask_neg], 0)?;
-    let image_all = Tensor::cat(&[&image_neg, image_embeds], 0)?;
-    let output_neg =
-        bert.forward_embeds(&text_all, &mask_all, &[CrossStates::image(&image_all)], Mode::Fusion, train)?;
-    let vl = Tensor::cat(&[&cls(&output_pos)?, &cls(&output_neg)?], 0)?;
-    let logits = itm_head.forward(&vl)?;
+    let text_all = Tensor::cat(&[text_embeds, text_embeds, &text_neg], 0)?;
+    let mask_all = Tensor::cat(&[text_mask, text_mask, &mask_neg], 0)?;
+    let cross = [CrossStates::image_rows(image_embeds, &image_rows)];
+    let output = bert.forward_embeds(&text_all, &mask_all, &cross, Mode::Fusion, train)?;
+    let logits = itm_head.forward(&cls(&output)?)?;
     let labels: Vec<i64> = (0..3 * b).map(|i| if i < b { 1 } else { 0 }).collect();
     let labels = Tensor::from_vec(labels, 3 * b, dev)?;
     Ok((cross_entropy(&logits, &labels)?, logits, neg_img, neg_txt))

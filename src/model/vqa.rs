@@ -41,7 +41,7 @@ impl Branch {
         q_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let cross = [CrossStates { states: q_states.clone(), mask: Some(q_mask.clone()) }];
+        let cross = [CrossStates { states: q_states.clone(), mask: Some(q_mask.clone()), rows: None }];
         let h = self.decoder.forward_ids(a_ids, a_mask, &cross, Mode::MultiModal, train)?;
         self.lm_head.forward(&h)
     }

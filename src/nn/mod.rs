@@ -11,7 +11,7 @@ mod fused;
 mod gemm;
 mod params;
 pub mod profile;
-mod simd;
+pub(crate) mod simd;
 
 pub use params::{Init, ParamBuilder, ParamStore, StoreMode};
 

@@ -3,6 +3,7 @@
 
 use crate::checkpoint::StateDict;
 use crate::nn::profile::{self, Kind};
+use crate::nn::simd::vectorized;
 use crate::nn::ParamStore;
 use anyhow::{Context, Result};
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
@@ -65,6 +66,33 @@ impl Slot {
     }
 }
 
+/// AdamW's per-step factors, in f32.
+#[derive(Clone, Copy)]
+struct Coefficients {
+    decay: f32,
+    b1: f32,
+    one_b1: f32,
+    b2: f32,
+    one_b2: f32,
+    inv_bc2: f32,
+    eps: f32,
+    step: f32,
+}
+
+vectorized! {
+    /// One chunk of the update. Iterators, not indices: bounds checks in the loop would keep it
+    /// scalar, and its square root and division then cost more than the memory traffic.
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: Coefficients) {
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let decayed = *p * k.decay;
+            *m = *m * k.b1 + g * k.one_b1;
+            *v = *v * k.b2 + g * g * k.one_b2;
+            let denom = v.sqrt() * k.inv_bc2 + k.eps;
+            *p = decayed - *m / denom * k.step;
+        }
+    }
+}
+
 /// One AdamW update of a parameter (the in-place destination) from its gradient, with the
 /// moments updated in the same pass.
 struct Update<'a> {
@@ -93,25 +121,23 @@ impl InplaceOp2 for Update<'_> {
         };
         let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
         let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
-        // The same f32 arithmetic, in the same order, as the tensor form below.
-        let decay = (1.0 - self.lr * self.weight_decay) as f32;
-        let (b1, one_b1) = (self.beta1 as f32, (1.0 - self.beta1) as f32);
-        let (b2, one_b2) = (self.beta2 as f32, (1.0 - self.beta2) as f32);
-        let (inv_bc2, eps, step) = ((1.0 / self.bc2_sqrt) as f32, self.eps as f32, (self.lr / self.bc1) as f32);
-        let decays = self.weight_decay > 0.0;
+        // The same f32 arithmetic, in the same order, as the tensor form below (a factor of 1
+        // where there is no decay changes no value).
+        let k = Coefficients {
+            decay: if self.weight_decay > 0.0 { (1.0 - self.lr * self.weight_decay) as f32 } else { 1.0 },
+            b1: self.beta1 as f32,
+            one_b1: (1.0 - self.beta1) as f32,
+            b2: self.beta2 as f32,
+            one_b2: (1.0 - self.beta2) as f32,
+            inv_bc2: (1.0 / self.bc2_sqrt) as f32,
+            eps: self.eps as f32,
+            step: (self.lr / self.bc1) as f32,
+        };
         const CHUNK: usize = 1 << 14;
         p.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    let pi = if decays { p[i] * decay } else { p[i] };
-                    m[i] = m[i] * b1 + g[i] * one_b1;
-                    v[i] = v[i] * b2 + g[i] * g[i] * one_b2;
-                    let denom = v[i].sqrt() * inv_bc2 + eps;
-                    p[i] = pi - m[i] / denom * step;
-                }
-            });
+            .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, k));
         Ok(())
     }
 }
