@@ -6,7 +6,8 @@
 
 use super::config::BertConfig;
 use crate::nn::{
-    attention_context, attention_probs, attention_shared_kv, dropout, Embedding, Init, LayerNorm, Linear, ParamBuilder,
+    attention_context, attention_probs, attention_shared_kv, cheaper_through_weights, cross_context_through_values,
+    cross_probs_through_keys, dropout, Embedding, Init, LayerNorm, Linear, ParamBuilder,
 };
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -114,8 +115,30 @@ impl Attention {
         mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        let pairs = x.dim(0)?;
+        let distinct = kv_states.dim(0)?;
+        if mask.is_none()
+            && (rows.is_some() || distinct == pairs)
+            && cheaper_through_weights(x, kv_states, pairs, distinct, self.heads)?
+        {
+            let states = match rows {
+                Some(r) => kv_states.index_select(r, 0)?,
+                None => kv_states.clone(),
+            };
+            let probs = cross_probs_through_keys(
+                &self.query.forward(x)?,
+                &states,
+                &self.key.weight,
+                self.key.bias.as_ref(),
+                self.heads,
+            )?;
+            let probs = dropout(&probs, self.attn_dropout, train)?;
+            let ctx = cross_context_through_values(&probs, &states, &self.value.weight, self.value.bias.as_ref())?;
+            let out = dropout(&self.dense.forward(&ctx)?, self.hidden_dropout, train)?;
+            return self.norm.forward(&(out + x)?);
+        }
         let (k, v) = (self.key.forward(kv_states)?, self.value.forward(kv_states)?);
-        if kv_states.dim(0)? == 1 && x.dim(0)? > 1 && mask.is_none() && !train {
+        if distinct == 1 && x.dim(0)? > 1 && mask.is_none() && !train {
             let ctx = attention_shared_kv(&self.query.forward(x)?, &k, &v, self.heads)?;
             return self.norm.forward(&(self.dense.forward(&ctx)? + x)?);
         }
@@ -413,5 +436,54 @@ impl MlmHead {
         let mut out = dims;
         *out.last_mut().unwrap() = self.bias.dim(0)?;
         logits.reshape(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::ParamStore;
+    use candle_core::{Device, IndexOp};
+
+    /// The fusion layers give the same states whichever way cross-attention runs: texts against
+    /// their own copies of an image (short texts, long states: through the key and value
+    /// weights), against rows of the images (ITM's pairs), and against the one image shared
+    /// (evaluation: keys and values projected once).
+    #[test]
+    fn cross_attention_paths_agree() {
+        let cfg = BertConfig {
+            vocab_size: 50,
+            hidden_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 64,
+            max_position_embeddings: 16,
+            fusion_layer: 1,
+            encoder_width: 24,
+            ..BertConfig::default()
+        };
+        let dev = Device::Cpu;
+        let store = ParamStore::new(&dev, 3);
+        store.set_init_std(0.2);
+        let bert = BertModel::new(&store.root(false), &cfg, Layout::Encoder).unwrap();
+        let (texts, len, tokens) = (3, 5, 60);
+        let text = Tensor::randn(0f32, 1.0, (texts, len, 32), &dev).unwrap();
+        let mask = Tensor::ones((texts, len), DType::I64, &dev).unwrap();
+        let images = Tensor::randn(0f32, 1.0, (2, tokens, 24), &dev).unwrap();
+        let image = images.i(1..2).unwrap();
+        let run = |cross: CrossStates| bert.forward_embeds(&text, &mask, &[cross], Mode::Fusion, false).unwrap();
+        let shared = run(CrossStates::image(&image));
+        let copies = run(CrossStates::image(&image.repeat((texts, 1, 1)).unwrap()));
+        let rows = run(CrossStates::image_rows(&images, &Tensor::new(&[1u32, 1, 1], &dev).unwrap()));
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let q = Tensor::zeros((texts, len, 32), DType::F32, &dev).unwrap();
+        assert!(
+            crate::nn::cheaper_through_weights(&q, &images, texts, texts, 4).unwrap(),
+            "these shapes must take the through-weights path"
+        );
+        assert!(diff(&shared, &copies) < 1e-5, "copies: {}", diff(&shared, &copies));
+        assert!(diff(&shared, &rows) < 1e-5, "rows: {}", diff(&shared, &rows));
     }
 }

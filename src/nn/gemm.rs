@@ -134,40 +134,59 @@ pub struct MatMul {
     pub scale: f32,
 }
 
+/// `a·bᵀ` for (…, m, k) and (…, n, k), as [`MatMul`] of `a` and `b.t()`, but with the gradient
+/// of `b` made in `b`'s own (…, n, k) layout: through a transpose it would come back transposed,
+/// and candle adds a transposed gradient element by element.
+pub struct MatMulT {
+    pub scale: f32,
+}
+
+fn matmul_fwd(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    scale: f32,
+    b_transposed: bool,
+) -> Result<(CpuStorage, Shape)> {
+    profile::time(Kind::Matmul, || {
+        let (a, b) = (f32s(s1, "matmul")?, f32s(s2, "matmul")?);
+        if l1.dims().len() < 2 || l2.dims().len() < 2 {
+            candle_core::bail!("matmul needs two matrices, got {:?} and {:?}", l1.dims(), l2.dims())
+        }
+        let (m, k, a_rs, a_cs) = last2(l1);
+        let (k2, n, b_rs, b_cs) = match last2(l2) {
+            (r, c, rs, cs) if b_transposed => (c, r, cs, rs),
+            rc => rc,
+        };
+        let lead = &l1.dims()[..l1.dims().len() - 2];
+        let shared_b = l2.dims().len() == 2;
+        if k != k2 || !(shared_b || lead == &l2.dims()[..l2.dims().len() - 2]) {
+            candle_core::bail!("matmul shapes {:?} and {:?} do not match", l1.dims(), l2.dims())
+        }
+        let (a_offs, b_offs) = (batch_offsets(l1), batch_offsets(l2));
+        let batch: Vec<Product> = a_offs
+            .iter()
+            .enumerate()
+            .map(|(i, &ao)| Product {
+                a: Mat { offset: ao, rs: a_rs, cs: a_cs },
+                b: Mat { offset: if shared_b { b_offs[0] } else { b_offs[i] }, rs: b_rs, cs: b_cs },
+                c: Mat { offset: i * m * n, rs: n as isize, cs: 1 },
+            })
+            .collect();
+        let mut c = output(a_offs.len() * m * n);
+        run((m, n, k), a, b, &mut c, &batch, scale, false, None);
+        let mut dims = lead.to_vec();
+        dims.extend([m, n]);
+        Ok((CpuStorage::F32(c), Shape::from(dims)))
+    })
+}
+
 impl CustomOp2 for MatMul {
     fn name(&self) -> &'static str {
         "albef-matmul"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        profile::time(Kind::Matmul, || {
-            let (a, b) = (f32s(s1, "matmul")?, f32s(s2, "matmul")?);
-            if l1.dims().len() < 2 || l2.dims().len() < 2 {
-                candle_core::bail!("matmul needs two matrices, got {:?} and {:?}", l1.dims(), l2.dims())
-            }
-            let (m, k, a_rs, a_cs) = last2(l1);
-            let (k2, n, b_rs, b_cs) = last2(l2);
-            let lead = &l1.dims()[..l1.dims().len() - 2];
-            let shared_b = l2.dims().len() == 2;
-            if k != k2 || !(shared_b || lead == &l2.dims()[..l2.dims().len() - 2]) {
-                candle_core::bail!("matmul shapes {:?} and {:?} do not match", l1.dims(), l2.dims())
-            }
-            let (a_offs, b_offs) = (batch_offsets(l1), batch_offsets(l2));
-            let batch: Vec<Product> = a_offs
-                .iter()
-                .enumerate()
-                .map(|(i, &ao)| Product {
-                    a: Mat { offset: ao, rs: a_rs, cs: a_cs },
-                    b: Mat { offset: if shared_b { b_offs[0] } else { b_offs[i] }, rs: b_rs, cs: b_cs },
-                    c: Mat { offset: i * m * n, rs: n as isize, cs: 1 },
-                })
-                .collect();
-            let mut c = output(a_offs.len() * m * n);
-            run((m, n, k), a, b, &mut c, &batch, self.scale, false, None);
-            let mut dims = lead.to_vec();
-            dims.extend([m, n]);
-            Ok((CpuStorage::F32(c), Shape::from(dims)))
-        })
+        matmul_fwd((s1, l1), (s2, l2), self.scale, false)
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -181,6 +200,27 @@ impl CustomOp2 for MatMul {
         } else {
             a.t()?.apply_op2_no_bwd(grad, &op())?
         };
+        Ok((Some(da), Some(db)))
+    }
+}
+
+impl CustomOp2 for MatMulT {
+    fn name(&self) -> &'static str {
+        "albef-matmul-t"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        matmul_fwd((s1, l1), (s2, l2), self.scale, true)
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if b.rank() != a.rank() {
+            candle_core::bail!("matmul-t: the gradient of a shared b is not implemented")
+        }
+        let op = MatMul { scale: self.scale };
+        // c = a·bᵀ: da = g·b, db = gᵀ·a (in b's layout).
+        let da = grad.apply_op2_no_bwd(b, &op)?;
+        let db = grad.t()?.apply_op2_no_bwd(a, &op)?;
         Ok((Some(da), Some(db)))
     }
 }

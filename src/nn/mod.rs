@@ -89,6 +89,15 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `a·bᵀ` for (…, m, k) and (…, n, k), as [`matmul`] of `a` and `b.t()`; through `nn::gemm`
+/// the gradient of `b` comes back in `b`'s layout.
+pub fn matmul_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if own_gemm(&[a, b]) && a.rank() == b.rank() {
+        return a.apply_op2(b, gemm::MatMulT { scale: 1.0 });
+    }
+    matmul(a, &b.t()?)
+}
+
 /// True when the products go through `nn::gemm` (f32 on the CPU, fp32 precision).
 fn own_gemm(ts: &[&Tensor]) -> bool {
     precision() == Precision::Fp32 && ts.iter().all(|t| fused::cpu_f32(t))
@@ -356,6 +365,83 @@ pub fn attention_context(probs: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     ctx.transpose(1, 2)?.reshape((b, lq, d))
 }
 
+/// Whether cross-attention of `pairs` query sequences (Lq rows of width `d`, `heads` heads)
+/// against states (Lk rows of width `dx`, `distinct` different sequences of them) costs fewer
+/// multiply-adds through the key and value weights ([`cross_probs_through_keys`],
+/// [`cross_context_through_values`]) than by projecting the keys and values: so when the query
+/// rows of all heads are fewer than the states (a short text against 577 image tokens), and the
+/// states are not shared by many queries (then projecting them once is cheaper). Only where the
+/// products run through `nn::gemm` (the CPU in fp32), where it is tested.
+pub fn cheaper_through_weights(
+    q: &Tensor,
+    states: &Tensor,
+    pairs: usize,
+    distinct: usize,
+    heads: usize,
+) -> Result<bool> {
+    if !own_gemm(&[q, states]) {
+        return Ok(false);
+    }
+    let (_, lq, d) = q.dims3()?;
+    let (_, lk, dx) = states.dims3()?;
+    let projected = distinct * lk * dx * d + pairs * lq * lk * d;
+    let through = pairs * lq * d * dx + pairs * heads * lq * lk * dx;
+    Ok(through < projected)
+}
+
+/// softmax(q_h·k_hᵀ/√dh) for k = states·Wkᵀ + bk without projecting the keys: q_h·k_hᵀ =
+/// (q_h·Wk_h)·statesᵀ + q_h·bk_h. The bias term is one constant per query row, which the
+/// softmax cancels; it is still added, so that the key bias gets the gradient the reference
+/// gives it (zero but for rounding). q (B, Lq, H·dh), states (B, Lk, Dx), key weight
+/// (H·dh, Dx), key bias (H·dh) → (B, H, Lq, Lk).
+pub fn cross_probs_through_keys(
+    q: &Tensor,
+    states: &Tensor,
+    key_weight: &Tensor,
+    key_bias: Option<&Tensor>,
+    heads: usize,
+) -> Result<Tensor> {
+    let (b, lq, d) = q.dims3()?;
+    let (_, lk, dx) = states.dims3()?;
+    let dh = d / heads;
+    // Heads first, the batch folded into the rows: each head's weight is one shared operand, so
+    // its gradient is one product (no per-pair copies to sum). Scaling q is exact for the usual
+    // power-of-two head sizes, as in `attention_probs`.
+    let q = (q * (1.0 / (dh as f64).sqrt()))?.reshape((b, lq, heads, dh))?.permute((2, 0, 1, 3))?;
+    let q = q.reshape((heads, b * lq, dh))?;
+    let per_pair =
+        |t: Tensor, width: usize| t.reshape((heads, b, lq, width))?.transpose(0, 1)?.reshape((b, heads * lq, width));
+    let qw = per_pair(matmul(&q, &key_weight.reshape((heads, dh, dx))?)?, dx)?;
+    let mut scores = matmul_t(&qw, states)?;
+    if let Some(bias) = key_bias {
+        scores = scores.broadcast_add(&per_pair(matmul(&q, &bias.reshape((heads, dh, 1))?)?, 1)?)?;
+    }
+    softmax(&scores)?.reshape((b, heads, lq, lk))
+}
+
+/// probs_h·v_h for v = states·Wvᵀ + bv without projecting the values: (probs_h·states)·Wv_hᵀ
+/// + rowsum(probs_h)·bv_h (the sum is 1 but where dropout changed the probabilities).
+/// probs (B, H, Lq, Lk), states (B, Lk, Dx), value weight (H·dh, Dx) → (B, Lq, H·dh).
+pub fn cross_context_through_values(
+    probs: &Tensor,
+    states: &Tensor,
+    value_weight: &Tensor,
+    value_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, heads, lq, lk) = probs.dims4()?;
+    let dx = states.dim(2)?;
+    let d = value_weight.dim(0)?;
+    let dh = d / heads;
+    let ps = matmul(&probs.reshape((b, heads * lq, lk))?, states)?;
+    let ps = ps.reshape((b, heads, lq, dx))?.transpose(0, 1)?.reshape((heads, b * lq, dx))?;
+    let mut ctx = matmul_t(&ps, &value_weight.reshape((heads, dh, dx))?)?.reshape((heads, b, lq, dh))?;
+    if let Some(bias) = value_bias {
+        let mass = probs.sum_keepdim(3)?.transpose(0, 1)?;
+        ctx = ctx.broadcast_add(&mass.broadcast_mul(&bias.reshape((heads, 1, 1, dh))?)?)?;
+    }
+    ctx.permute((1, 2, 0, 3))?.reshape((b, lq, d))
+}
+
 /// Attention of a batch of queries (B, Lq, H·dh) against one shared key/value sequence
 /// (1, Lk, H·dh), unmasked — many texts against one image. The batch is folded into the query
 /// rows, so the shared keys and values are projected and read once instead of B times.
@@ -591,5 +677,45 @@ mod fused_vs_composed {
                 assert!(d < 1e-4, "d{name}: {d}");
             }
         }
+    }
+
+    /// Attention through the key and value weights gives the values and every gradient (query,
+    /// states, weights, biases, with dropout-like uneven probability mass) of projecting the
+    /// keys and values first, on a short query against long states, the shape it is used for.
+    #[test]
+    fn cross_attention_through_weights_equals_projected_keys_and_values() {
+        let (b, lq, lk, d, dx, heads) = (3, 4, 40, 16, 12, 4);
+        let var = |shape: (usize, usize, usize), seed| Var::from_tensor(&(random(shape, seed) * 0.3).unwrap()).unwrap();
+        let q = var((b, lq, d), 20);
+        let states = var((b, lk, dx), 21);
+        let (wk, wv) = (var((1, d, dx), 22), var((1, d, dx), 23));
+        let (bk, bv) = (var((1, 1, d), 24), var((1, 1, d), 25));
+        // Uneven row sums, as dropout leaves them, exercise the value-bias term.
+        let keep = (random4((b, heads, lq, lk), 26).ge(-2.0).unwrap().to_dtype(DType::F32).unwrap() * 1.25).unwrap();
+        let r = random((b, lq, d), 27);
+        let (wk2, wv2) = (wk.as_tensor().squeeze(0).unwrap(), wv.as_tensor().squeeze(0).unwrap());
+        let (bk1, bv1) = (bk.as_tensor().flatten_all().unwrap(), bv.as_tensor().flatten_all().unwrap());
+        assert!(cheaper_through_weights(q.as_tensor(), states.as_tensor(), b, b, heads).unwrap());
+        let projected = {
+            let k = linear(states.as_tensor(), &wk2, Some(&bk1)).unwrap();
+            let v = linear(states.as_tensor(), &wv2, Some(&bv1)).unwrap();
+            let p = (attention_probs(q.as_tensor(), &k, heads, None).unwrap() * &keep).unwrap();
+            attention_context(&p, &v, heads).unwrap()
+        };
+        let through = {
+            let p = cross_probs_through_keys(q.as_tensor(), states.as_tensor(), &wk2, Some(&bk1), heads).unwrap();
+            cross_context_through_values(&(p * &keep).unwrap(), states.as_tensor(), &wv2, Some(&bv1)).unwrap()
+        };
+        assert!(max_diff(&projected, &through) < 1e-5, "forward {}", max_diff(&projected, &through));
+        let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gp, gt) = (grads(&projected), grads(&through));
+        let vars = [("q", &q), ("states", &states), ("key weight", &wk), ("key bias", &bk), ("value weight", &wv)];
+        for (name, v) in vars.into_iter().chain([("value bias", &bv)]) {
+            let d = max_diff(gp.get(v).unwrap(), gt.get(v).unwrap());
+            assert!(d < 1e-5, "d {name}: {d}");
+        }
+        // The key bias shifts every score of a query row alike: zero gradient but for rounding.
+        let dbk = gt.get(&bk).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(dbk < 1e-5, "key bias gradient {dbk}");
     }
 }
