@@ -420,7 +420,7 @@ pub fn cross_probs_through_keys(
 }
 
 /// probs_h·v_h for v = states·Wvᵀ + bv without projecting the values: (probs_h·states)·Wv_hᵀ
-/// + rowsum(probs_h)·bv_h (the sum is 1 but where dropout changed the probabilities).
+/// plus rowsum(probs_h)·bv_h (the sum is 1 but where dropout changed the probabilities).
 /// probs (B, H, Lq, Lk), states (B, Lk, Dx), value weight (H·dh, Dx) → (B, Lq, H·dh).
 pub fn cross_context_through_values(
     probs: &Tensor,
