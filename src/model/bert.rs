@@ -30,7 +30,8 @@ pub struct CrossStates {
     pub mask: Option<Tensor>,
     /// The row of `states` (and `mask`) each query row attends to, u32 (B,), when query rows
     /// share states (ITM pairs one image with several texts): keys and values are then projected
-    /// once per row of `states`, not once per query row. `None`: query row i attends to row i.
+    /// once per row of `states` (or not at all, through the weights), not once per query row.
+    /// `None`: query row i attends to row i.
     pub rows: Option<Tensor>,
 }
 
@@ -106,7 +107,9 @@ impl Attention {
 
     /// LN(x + Dense(Attn(q = x, kv = kv_states))). `kv_states` with batch 1 is shared by every
     /// query row (evaluation: many candidate texts against one image); with `rows`, query row i
-    /// reads row `rows[i]` of the projected keys and values.
+    /// reads row `rows[i]` of the states. Unmasked cross-attention of short texts against long
+    /// states runs through the key and value weights where that takes fewer products
+    /// ([`cheaper_through_weights`]); the values are the reference's up to rounding.
     fn forward(
         &self,
         x: &Tensor,

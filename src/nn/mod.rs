@@ -709,8 +709,15 @@ mod fused_vs_composed {
         assert!(max_diff(&projected, &through) < 1e-5, "forward {}", max_diff(&projected, &through));
         let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let (gp, gt) = (grads(&projected), grads(&through));
-        let vars = [("q", &q), ("states", &states), ("key weight", &wk), ("key bias", &bk), ("value weight", &wv)];
-        for (name, v) in vars.into_iter().chain([("value bias", &bv)]) {
+        let vars = [
+            ("q", &q),
+            ("states", &states),
+            ("key weight", &wk),
+            ("key bias", &bk),
+            ("value weight", &wv),
+            ("value bias", &bv),
+        ];
+        for (name, v) in vars {
             let d = max_diff(gp.get(v).unwrap(), gt.get(v).unwrap());
             assert!(d < 1e-5, "d {name}: {d}");
         }
