@@ -156,8 +156,9 @@ pub fn itm<R: Rng>(
     // The reference's two fusion passes (B positive pairs, then each text with a sampled image
     // and each image with a sampled text) as one pass over the 3B pairs, in its order. Every
     // pair's image is a row of `image_embeds`, so the cross-attention keys and values are
-    // projected once per image, not once per pair: a third of the reference's products, with
-    // the same per-pair values (every row of a projection is computed alone).
+    // projected once per image, not once per pair (a third of the reference's products), or not
+    // at all where attention through the weights is cheaper (`Attention::forward`); the per-pair
+    // values are the same (every row of a projection is computed alone).
     let own = Tensor::arange(0u32, b as u32, dev)?;
     let image_rows = Tensor::cat(&[&own, &neg_img, &own], 0)?;
     let text_neg = text_embeds.index_select(&neg_txt, 0)?;
