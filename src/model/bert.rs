@@ -120,9 +120,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let pairs = x.dim(0)?;
         let distinct = kv_states.dim(0)?;
-        if mask.is_none()
-            && (rows.is_some() || distinct == pairs)
-            && cheaper_through_weights(x, kv_states, pairs, distinct, self.heads)?
+        if mask.is_none() && (rows.is_some() || distinct == pairs) && cheaper_through_weights(x, kv_states, self.heads)?
         {
             let states = match rows {
                 Some(r) => kv_states.index_select(r, 0)?,
@@ -483,7 +481,7 @@ mod tests {
         };
         let q = Tensor::zeros((texts, len, 32), DType::F32, &dev).unwrap();
         assert!(
-            crate::nn::cheaper_through_weights(&q, &images, texts, texts, 4).unwrap(),
+            crate::nn::cheaper_through_weights(&q, &images, 4).unwrap(),
             "these shapes must take the through-weights path"
         );
         assert!(diff(&shared, &copies) < 1e-5, "copies: {}", diff(&shared, &copies));

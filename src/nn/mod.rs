@@ -365,25 +365,19 @@ pub fn attention_context(probs: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     ctx.transpose(1, 2)?.reshape((b, lq, d))
 }
 
-/// Whether cross-attention of `pairs` query sequences (Lq rows of width `d`, `heads` heads)
-/// against states (Lk rows of width `dx`, `distinct` different sequences of them) costs fewer
+/// Whether cross-attention of the query sequences `q` (B pairs of Lq rows of width d, `heads`
+/// heads) against `states` (its distinct sequences of Lk rows of width dx) costs fewer
 /// multiply-adds through the key and value weights ([`cross_probs_through_keys`],
 /// [`cross_context_through_values`]) than by projecting the keys and values: so when the query
 /// rows of all heads are fewer than the states (a short text against 577 image tokens), and the
 /// states are not shared by many queries (then projecting them once is cheaper). Only where the
 /// products run through `nn::gemm` (the CPU in fp32), where it is tested.
-pub fn cheaper_through_weights(
-    q: &Tensor,
-    states: &Tensor,
-    pairs: usize,
-    distinct: usize,
-    heads: usize,
-) -> Result<bool> {
+pub fn cheaper_through_weights(q: &Tensor, states: &Tensor, heads: usize) -> Result<bool> {
     if !own_gemm(&[q, states]) {
         return Ok(false);
     }
-    let (_, lq, d) = q.dims3()?;
-    let (_, lk, dx) = states.dims3()?;
+    let (pairs, lq, d) = q.dims3()?;
+    let (distinct, lk, dx) = states.dims3()?;
     let projected = distinct * lk * dx * d + pairs * lq * lk * d;
     let through = pairs * lq * d * dx + pairs * heads * lq * lk * dx;
     Ok(through < projected)
@@ -695,7 +689,7 @@ mod fused_vs_composed {
         let r = random((b, lq, d), 27);
         let (wk2, wv2) = (wk.as_tensor().squeeze(0).unwrap(), wv.as_tensor().squeeze(0).unwrap());
         let (bk1, bv1) = (bk.as_tensor().flatten_all().unwrap(), bv.as_tensor().flatten_all().unwrap());
-        assert!(cheaper_through_weights(q.as_tensor(), states.as_tensor(), b, b, heads).unwrap());
+        assert!(cheaper_through_weights(q.as_tensor(), states.as_tensor(), heads).unwrap());
         let projected = {
             let k = linear(states.as_tensor(), &wk2, Some(&bk1)).unwrap();
             let v = linear(states.as_tensor(), &wv2, Some(&bv1)).unwrap();
