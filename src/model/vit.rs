@@ -3,7 +3,7 @@
 //! norm over all tokens. Returns the full sequence (B, 1 + N, D); index 0 is the image CLS.
 
 use super::config::VisionConfig;
-use crate::nn::{attention, attention_context, attention_probs, Init, LayerNorm, Linear, ParamBuilder};
+use crate::nn::{attention_context, attention_probs, packed_self_attention, Init, LayerNorm, Linear, ParamBuilder};
 use candle_core::{Result, Tensor, Var};
 
 #[derive(Clone, Debug)]
@@ -32,12 +32,8 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let d = x.dim(2)?;
         let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
-        let q = qkv.narrow(2, 0, d)?;
-        let k = qkv.narrow(2, d, d)?;
-        let v = qkv.narrow(2, 2 * d, d)?;
-        let x = (x + self.proj.forward(&attention(&q, &k, &v, self.heads, None)?)?)?;
+        let x = (x + self.proj.forward(&packed_self_attention(&qkv, self.heads)?)?)?;
         let h = crate::nn::gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }

@@ -153,13 +153,19 @@ impl CustomOp2 for SoftmaxBackward {
             let n = l1.dims().last().copied().unwrap_or(1).max(1);
             let mut dst = super::gemm::output(y.len());
             dst.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(d, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                for ((o, &yi), &gi) in d.iter_mut().zip(y).zip(g) {
-                    *o = yi * (gi - dot);
-                }
+                d.copy_from_slice(g);
+                softmax_backward_in_place(y, d);
             });
             Ok((CpuStorage::F32(dst), l1.shape().clone()))
         })
+    }
+}
+
+/// One row of the softmax backward in place: g ← y ⊙ (g − Σ g⊙y), for softmax output y.
+pub(super) fn softmax_backward_in_place(y: &[f32], g: &mut [f32]) {
+    let dot: f32 = y.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
+    for (o, &yi) in g.iter_mut().zip(y) {
+        *o = yi * (*o - dot);
     }
 }
 

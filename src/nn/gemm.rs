@@ -47,6 +47,48 @@ unsafe impl Send for SendPtr {}
 /// block is still in cache (attention's softmax).
 type Then<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
 
+/// One product `c = scale·a·b (+ c)` (m×k by k×n) at the matrices `p` names in the buffers
+/// `a`, `b` and `c`.
+///
+/// # Safety
+/// The three matrices lie inside their buffers, and no other thread touches c's elements
+/// meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    p: &Product,
+    scale: f32,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.add(p.c.offset),
+            p.c.cs,
+            p.c.rs,
+            accumulate,
+            a.add(p.a.offset),
+            p.a.cs,
+            p.a.rs,
+            b.add(p.b.offset),
+            p.b.cs,
+            p.b.rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// Runs every product of `batch` (m×k by k×n): in parallel over the products when there are
 /// enough of them to keep every thread busy (attention's batch × heads), otherwise one after
 /// the other with each product split across the threads. `accumulate` adds to what `c` holds.
@@ -69,27 +111,7 @@ fn run(
         // SAFETY: every product's matrices lie inside their buffers (the callers derive them from
         // candle layouts), and the products of one batch write disjoint elements of `c`.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.0.add(p.c.offset),
-                p.c.cs,
-                p.c.rs,
-                accumulate,
-                a.as_ptr().add(p.a.offset),
-                p.a.cs,
-                p.a.rs,
-                b.as_ptr().add(p.b.offset),
-                p.b.cs,
-                p.b.rs,
-                1.0,
-                scale,
-                false,
-                false,
-                false,
-                par,
-            );
+            product((m, n, k), a.as_ptr(), b.as_ptr(), dst.0, p, scale, accumulate, par);
             if let Some(then) = then {
                 debug_assert!(p.c.rs == n as isize && p.c.cs == 1);
                 // SAFETY: this product's block, written by it alone.
@@ -305,9 +327,14 @@ impl CustomOp3 for Linear {
 /// Per-head matrices of a packed (B, L, H·dh) tensor: batch `bi`, head `h`, as an (L, dh)
 /// matrix (`transposed`: as its (dh, L) transpose).
 fn head(l: &Layout, heads: usize, bi: usize, h: usize, transposed: bool) -> Mat {
+    columns(l, h * (l.dims()[2] / heads), bi, transposed)
+}
+
+/// Batch `bi` of a (B, L, C) tensor from column `col` on, as an (L, ·) matrix (`transposed`:
+/// as its transpose).
+fn columns(l: &Layout, col: usize, bi: usize, transposed: bool) -> Mat {
     let s = l.stride();
-    let dh = l.dims()[2] / heads;
-    let offset = l.start_offset() + bi * s[0] + h * dh * s[2];
+    let offset = l.start_offset() + bi * s[0] + col * s[2];
     let (rs, cs) = (s[1] as isize, s[2] as isize);
     if transposed {
         Mat { offset, rs: cs, cs: rs }
@@ -523,6 +550,184 @@ impl CustomOp3 for AttentionProbs {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dq, dk) = self.backward(q, k, res, grad)?;
         Ok((Some(dq), Some(dk), None))
+    }
+}
+
+/// Multi-head self-attention straight from a packed projection: for qkv (B, N, 3·H·dh) (the
+/// queries, keys and values side by side, as the image encoder's one `qkv` layer writes them),
+/// softmax(scale·q_h·k_hᵀ)·v_h with the heads merged, (B, N, H·dh).
+///
+/// One op instead of three narrows, the probabilities and the context: each (batch, head) runs
+/// its scores, softmax and context while its block is in cache, and the backward writes the
+/// gradient of qkv once. Through the composed ops candle's backward would zero-fill and add a
+/// (B, H, N, N) probability gradient and three zero-padded (B, N, 3·H·dh) copies, per layer.
+pub struct PackedSelfAttention {
+    heads: usize,
+    scale: f32,
+    /// The probabilities (B·H blocks of N·N) the forward keeps for the backward; `None` when
+    /// the input is not tracked, so no backward will come.
+    kept: Option<std::sync::Mutex<Vec<f32>>>,
+}
+
+impl PackedSelfAttention {
+    /// `keep`: whether the backward will be asked for (the input is tracked).
+    pub fn new(heads: usize, scale: f32, keep: bool) -> Self {
+        Self { heads, scale, kept: keep.then(|| std::sync::Mutex::new(Vec::new())) }
+    }
+}
+
+/// (B, N, H·dh) of a packed (B, N, 3·H·dh) projection.
+fn check_qkv(l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
+    match *l.dims() {
+        [b, n, d3] if heads > 0 && d3 % (3 * heads) == 0 => Ok((b, n, d3 / 3)),
+        _ => candle_core::bail!(
+            "self-attention: expected packed queries, keys and values (B, N, 3·H·dh) with {heads} heads, got {:?}",
+            l.dims()
+        ),
+    }
+}
+
+impl candle_core::CustomOp1 for PackedSelfAttention {
+    fn name(&self) -> &'static str {
+        "albef-packed-self-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::time(Kind::Attention, || {
+            let x = f32s(s, "self-attention")?;
+            let (bsz, n, d) = check_qkv(l, self.heads)?;
+            let (h, dh) = (self.heads, d / self.heads);
+            let mut out = output(bsz * n * d);
+            let mut kept = if self.kept.is_some() { output(bsz * h * n * n) } else { Vec::new() };
+            if n > 0 {
+                let dst = SendPtr(out.as_mut_ptr());
+                let head = |t: usize, p: &mut [f32]| {
+                    let (bi, hi) = (t / h, t % h);
+                    let block = Mat { offset: 0, rs: n as isize, cs: 1 };
+                    let scores =
+                        Product { a: columns(l, hi * dh, bi, false), b: columns(l, d + hi * dh, bi, true), c: block };
+                    let context = Product {
+                        a: block,
+                        b: columns(l, 2 * d + hi * dh, bi, false),
+                        c: Mat { offset: (bi * n) * d + hi * dh, rs: d as isize, cs: 1 },
+                    };
+                    let dst = &dst;
+                    // SAFETY: the matrices lie inside qkv, the N·N block and the output, and each
+                    // (batch, head) writes its own block and its own dh columns of the output.
+                    unsafe {
+                        product(
+                            (n, n, dh),
+                            x.as_ptr(),
+                            x.as_ptr(),
+                            p.as_mut_ptr(),
+                            &scores,
+                            self.scale,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                        p.chunks_mut(n).for_each(|row| super::fused::softmax_in_place(row, None));
+                        product(
+                            (n, dh, n),
+                            p.as_ptr(),
+                            x.as_ptr(),
+                            dst.0,
+                            &context,
+                            1.0,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                };
+                if self.kept.is_some() {
+                    kept.par_chunks_mut(n * n).enumerate().for_each(|(t, p)| head(t, p));
+                } else {
+                    (0..bsz * h).into_par_iter().for_each_init(|| output(n * n), |p, t| head(t, p));
+                }
+            }
+            if let Some(slot) = &self.kept {
+                *slot.lock().map_err(|_| candle_core::Error::Msg("self-attention: poisoned probabilities".into()))? =
+                    kept;
+            }
+            Ok((CpuStorage::F32(out), Shape::from((bsz, n, d))))
+        })
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let Some(slot) = &self.kept else {
+            candle_core::bail!("self-attention: a backward through a forward that kept no probabilities")
+        };
+        let probs =
+            slot.lock().map_err(|_| candle_core::Error::Msg("self-attention: poisoned probabilities".into()))?;
+        let op = PackedSelfAttentionBackward { heads: self.heads, scale: self.scale, probs: &probs };
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// The gradient of [`PackedSelfAttention`]'s qkv from the gradient g (B, N, H·dh) of its output
+/// and its kept probabilities p: per (batch, head), dp = g_h·v_hᵀ, dv_h = p_hᵀ·g_h,
+/// ds = p ⊙ (dp − Σ dp⊙p), dq_h = scale·ds·k_h, dk_h = scale·dsᵀ·q_h, written packed as qkv.
+struct PackedSelfAttentionBackward<'a> {
+    heads: usize,
+    scale: f32,
+    probs: &'a [f32],
+}
+
+impl CustomOp2 for PackedSelfAttentionBackward<'_> {
+    fn name(&self) -> &'static str {
+        "albef-packed-self-attention-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::time(Kind::Attention, || {
+            let (x, g) = (f32s(s1, "self-attention backward")?, contiguous(s2, l2, "self-attention backward")?);
+            let (bsz, n, d) = check_qkv(l1, self.heads)?;
+            let (h, dh) = (self.heads, d / self.heads);
+            if l2.dims() != [bsz, n, d] || self.probs.len() != bsz * h * n * n {
+                candle_core::bail!(
+                    "self-attention backward: gradient {:?} and {} kept probabilities against qkv {:?}",
+                    l2.dims(),
+                    self.probs.len(),
+                    l1.dims()
+                )
+            }
+            let mut dx = output(bsz * n * 3 * d);
+            if n > 0 {
+                let dst = SendPtr(dx.as_mut_ptr());
+                (0..bsz * h).into_par_iter().for_each_init(
+                    || output(n * n),
+                    |ds, t| {
+                        let (bi, hi) = (t / h, t % h);
+                        let p = &self.probs[t * n * n..(t + 1) * n * n];
+                        let block = Mat { offset: 0, rs: n as isize, cs: 1 };
+                        let block_t = Mat { offset: 0, rs: 1, cs: n as isize };
+                        let g_h = Mat { offset: (bi * n) * d + hi * dh, rs: d as isize, cs: 1 };
+                        let grad_of = |part: usize| Mat {
+                            offset: (bi * n) * 3 * d + part * d + hi * dh,
+                            rs: (3 * d) as isize,
+                            cs: 1,
+                        };
+                        let none = gemm::Parallelism::None;
+                        let dst = &dst;
+                        // SAFETY: the matrices lie inside qkv, g, p, the N·N scratch and dx, and
+                        // each (batch, head) writes its own dh columns of each third of dx.
+                        unsafe {
+                            let dp = Product { a: g_h, b: columns(l1, 2 * d + hi * dh, bi, true), c: block };
+                            product((n, n, dh), g.as_ptr(), x.as_ptr(), ds.as_mut_ptr(), &dp, 1.0, false, none);
+                            let dv = Product { a: block_t, b: g_h, c: grad_of(2) };
+                            product((n, dh, n), p.as_ptr(), g.as_ptr(), dst.0, &dv, 1.0, false, none);
+                            ds.chunks_mut(n)
+                                .zip(p.chunks(n))
+                                .for_each(|(row, y)| super::fused::softmax_backward_in_place(y, row));
+                            let dq = Product { a: block, b: columns(l1, d + hi * dh, bi, false), c: grad_of(0) };
+                            product((n, dh, n), ds.as_ptr(), x.as_ptr(), dst.0, &dq, self.scale, false, none);
+                            let dk = Product { a: block_t, b: columns(l1, hi * dh, bi, false), c: grad_of(1) };
+                            product((n, dh, n), ds.as_ptr(), x.as_ptr(), dst.0, &dk, self.scale, false, none);
+                        }
+                    },
+                );
+            }
+            Ok((CpuStorage::F32(dx), Shape::from((bsz, n, 3 * d))))
+        })
     }
 }
 

@@ -316,6 +316,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     attention_context(&probs, v, heads)
 }
 
+/// Multi-head self-attention of a packed (B, N, 3·H·dh) projection (queries, keys and values
+/// side by side: the image encoder's `qkv`), heads merged: (B, N, H·dh). On the CPU in fp32 one
+/// fused op with its own backward ([`gemm::PackedSelfAttention`]); elsewhere [`attention`] of
+/// the three thirds.
+pub fn packed_self_attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let d = qkv.dim(2)? / 3;
+    if own_gemm(&[qkv]) {
+        let scale = (1.0 / ((d / heads.max(1)) as f64).sqrt()) as f32;
+        return qkv.apply_op1(gemm::PackedSelfAttention::new(heads, scale, qkv.track_op()));
+    }
+    attention(&qkv.narrow(2, 0, d)?, &qkv.narrow(2, d, d)?, &qkv.narrow(2, 2 * d, d)?, heads, None)
+}
+
 fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, d) = x.dims3()?;
     x.reshape((b, l, heads, d / heads))?.transpose(1, 2)?.contiguous()
@@ -581,6 +594,34 @@ mod fused_vs_composed {
             assert_close(&format!("attention, {name}"), &y1, &y2, 1e-5);
             assert_close(&format!("attention dqkv, {name}"), &g1[0], &g2[0], 1e-5);
         }
+    }
+
+    /// The image encoder's fused self-attention over its packed qkv gives the composed
+    /// attention's output and qkv gradient, tracked or not, from a contiguous qkv and from a
+    /// strided one (a transposed view).
+    #[test]
+    fn packed_self_attention_equals_composed_forward_and_backward() {
+        let (b, l, d, heads) = (2, 9, 12, 3);
+        let qkv = random((b, l, 3 * d), 31);
+        let r = random((b, l, d), 32);
+        let composed = |t: &Tensor| {
+            composed_attention(&t.narrow(2, 0, d)?, &t.narrow(2, d, d)?, &t.narrow(2, 2 * d, d)?, heads, None)
+        };
+        let (y1, g1) = grads_of(&[&qkv], &r, |t| packed_self_attention(&t[0], heads));
+        let (y2, g2) = grads_of(&[&qkv], &r, |t| composed(&t[0]));
+        assert_close("packed self-attention", &y1, &y2, 1e-5);
+        assert_close("packed self-attention dqkv", &g1[0], &g2[0], 1e-5);
+        let untracked = packed_self_attention(&qkv, heads).unwrap();
+        assert_close("packed self-attention, untracked", &untracked, &y2, 1e-5);
+        // The same values laid out (B, 3D, L) and viewed back as (B, L, 3D).
+        let strided = qkv.transpose(1, 2).unwrap().contiguous().unwrap();
+        let (y3, g3) = grads_of(&[&strided], &r.transpose(1, 2).unwrap(), |t| {
+            packed_self_attention(&t[0].transpose(1, 2)?, heads)?.transpose(1, 2)
+        });
+        assert_close("packed self-attention, strided", &y3.transpose(1, 2).unwrap(), &y2, 1e-5);
+        assert_close("packed self-attention dqkv, strided", &g3[0].transpose(1, 2).unwrap(), &g2[0], 1e-5);
+        let bad = packed_self_attention(&random((b, l, 3 * d + 1), 33), heads).unwrap_err().to_string();
+        assert!(bad.contains("(B, N, 3·H·dh)"), "{bad}");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::time::Instant;
 pub enum Kind {
     /// Every product through `gemm`: linear layers, attention scores and context.
     Matmul,
-    /// Attention's fused scores + mask + softmax.
+    /// Attention's fused ops: scores + mask + softmax, and the image encoder's whole
+    /// self-attention (scores, softmax, context) and its backward.
     Attention,
     Softmax,
     LayerNorm,
@@ -26,7 +27,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Matmul => "matmul",
-            Kind::Attention => "attention scores+softmax",
+            Kind::Attention => "attention (fused)",
             Kind::Softmax => "softmax",
             Kind::LayerNorm => "layer norm",
             Kind::Gelu => "gelu",
