@@ -252,19 +252,24 @@ impl CustomOp2 for MatMulT {
 /// stride ([`rows_of`]): then no reshape, whose backward would cost a pass, is needed.
 pub struct Linear;
 
-/// (rows, row stride) of x (…, k) seen as one matrix, when its leading dimensions fold into one.
+/// (rows, row stride) of x (…, k) seen as one matrix, when its leading dimensions fold into one:
+/// those of more than one element nest (each one's stride is the next one's times its size).
+/// Dimensions of one element have no say: a (B, 1, k) view of the first row of each of B
+/// sequences steps from row to row by its first stride.
 pub fn rows_of(l: &Layout) -> Option<(usize, isize)> {
     let (dims, strides) = (l.dims(), l.stride());
     let r = dims.len();
     if r < 2 {
         return None;
     }
-    for i in 0..r - 2 {
-        if dims[i + 1] > 1 && strides[i] != strides[i + 1] * dims[i + 1] {
-            return None;
-        }
+    let lead: Vec<(usize, usize)> =
+        dims[..r - 1].iter().zip(&strides[..r - 1]).filter(|(&n, _)| n > 1).map(|(&n, &s)| (n, s)).collect();
+    if lead.windows(2).any(|w| w[0].1 != w[1].1 * w[1].0) {
+        return None;
     }
-    Some((dims[..r - 1].iter().product(), strides[r - 2] as isize))
+    // One row: its stride is never stepped.
+    let rs = lead.last().map_or(dims[r - 1], |&(_, s)| s);
+    Some((dims[..r - 1].iter().product(), rs as isize))
 }
 
 impl CustomOp3 for Linear {

@@ -550,6 +550,12 @@ mod fused_vs_composed {
         let (y2, g2) = grads_of(&[&a, &shared], &r, |t| t[0].broadcast_matmul(&t[1]));
         assert_close("shared matmul", &y1, &y2, 1e-5);
         assert_close("shared db", &g1[1], &g2[1], 1e-5);
+        // The first row of each sequence, a (B, 1, k) view whose rows are a sequence apart.
+        let seqs = random((3, 4, 5), 19);
+        let first = seqs.narrow(1, 0, 1).unwrap();
+        let y1 = linear(&first, &w, Some(&b)).unwrap();
+        let y2 = first.contiguous().unwrap().broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+        assert_close("linear of first rows", &y1, &y2, 1e-5);
     }
 
     /// The composed attention every other device runs: heads split into copies, scaled q.
