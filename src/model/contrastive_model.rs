@@ -55,6 +55,11 @@ impl Encoders {
         Ok((embeds, feat))
     }
 
+    /// The image feature alone, from the encoder's [CLS] row alone.
+    fn image_feat(&self, image: &Tensor) -> Result<Tensor> {
+        l2_normalize(&self.vision_proj.forward(&self.visual.forward_cls(image)?)?)
+    }
+
     fn text(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let embeds = self.text.forward_ids(ids, mask, &[], Mode::Text, train)?;
         let feat = l2_normalize(&self.text_proj.forward(&cls(&embeds)?)?)?;
@@ -247,7 +252,11 @@ impl ContrastiveModel {
         let b = image_embeds.dim(0)?;
 
         teacher.ema.update()?;
-        let (image_embeds_m, image_feat_m) = teacher.branch.image(image)?;
+        // Only pre-training's MLM distillation reads the teacher's image states; ITC its [CLS].
+        let (image_embeds_m, image_feat_m) = match teacher.branch.mlm {
+            Some(_) => teacher.branch.image(image).map(|(embeds, feat)| (Some(embeds), feat))?,
+            None => (None, teacher.branch.image_feat(image)?),
+        };
         // The teacher runs in the same mode as the student (its dropout is active in training, as in
         // PyTorch, where `no_grad` does not switch dropout off).
         let (_, text_feat_m) = teacher.branch.text(ids, mask, train)?;
@@ -310,7 +319,8 @@ impl ContrastiveModel {
                     None => mask_tokens(ids, self.cfg.bert.vocab_size, self.mlm_probability, rng)?,
                 };
                 let teacher_head = teacher.branch.mlm.as_ref().expect("teacher mirrors the online model");
-                let cross_m = [CrossStates::image(&image_embeds_m)];
+                let image_embeds_m = image_embeds_m.as_ref().expect("an MLM teacher keeps its image states");
+                let cross_m = [CrossStates::image(image_embeds_m)];
                 let logits_m = teacher_head.forward(&teacher.branch.text.forward_ids(
                     &mlm_ids,
                     mask,
