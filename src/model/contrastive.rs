@@ -4,7 +4,7 @@
 use super::bert::{BertModel, CrossStates, Mode};
 use super::heads::cls;
 use super::momentum::Queues;
-use crate::nn::{cross_entropy, log_softmax, softmax, Linear};
+use crate::nn::{cross_entropy, log_softmax, matmul_fp32, softmax, Linear};
 use candle_core::{DType, Result, Tensor, D};
 use rand::Rng;
 
@@ -38,20 +38,23 @@ pub struct ItcOutput {
 /// ITC with momentum distillation (§3.1): online queries against momentum features + queue.
 pub fn itc(inp: &ItcInputs, queues: &Queues) -> Result<ItcOutput> {
     let temp = inp.temp;
+    // The queues are copied beside the batch (the reference's `torch.cat([feat_m.t(),
+    // queue.clone().detach()], 1)`): they are written in place before the backward reads them.
     let image_all = Tensor::cat(&[&inp.image_feat_m.t()?, &queues.image.as_tensor().detach()], 1)?;
     let text_all = Tensor::cat(&[&inp.text_feat_m.t()?, &queues.text.as_tensor().detach()], 1)?;
     let (tgt_i2t, tgt_t2i) = match inp.alpha {
         Some(alpha) => {
             let t = temp.detach();
-            let sim_i2t_m = inp.image_feat_m.matmul(&text_all)?.broadcast_div(&t)?;
-            let sim_t2i_m = inp.text_feat_m.matmul(&image_all)?.broadcast_div(&t)?;
+            let sim_i2t_m = matmul_fp32(inp.image_feat_m, &text_all)?.broadcast_div(&t)?;
+            let sim_t2i_m = matmul_fp32(inp.text_feat_m, &image_all)?.broadcast_div(&t)?;
             let mix = |sim: &Tensor| -> Result<Tensor> { (softmax(sim)? * alpha)? + (inp.targets * (1.0 - alpha))? };
             (mix(&sim_i2t_m)?, mix(&sim_t2i_m)?)
         }
         None => (inp.targets.clone(), inp.targets.clone()),
     };
-    let sim_i2t = inp.image_feat.matmul(&text_all)?.broadcast_div(temp)?;
-    let sim_t2i = inp.text_feat.matmul(&image_all)?.broadcast_div(temp)?;
+    // No gradient is made for the (untracked) copies of the queues.
+    let sim_i2t = matmul_fp32(inp.image_feat, &text_all)?.broadcast_div(temp)?;
+    let sim_t2i = matmul_fp32(inp.text_feat, &image_all)?.broadcast_div(temp)?;
     let l_i2t = log_softmax(&sim_i2t)?.mul(&tgt_i2t)?.sum(D::Minus1)?.mean_all()?.neg()?;
     let l_t2i = log_softmax(&sim_t2i)?.mul(&tgt_t2i)?.sum(D::Minus1)?.mean_all()?.neg()?;
     Ok(ItcOutput { loss: ((l_i2t + l_t2i)? * 0.5)?, sim_i2t, sim_t2i })

@@ -211,18 +211,23 @@ impl CustomOp2 for MatMul {
         matmul_fwd((s1, l1), (s2, l2), self.scale, false)
     }
 
+    /// Only for the tracked operands: candle stores whatever gradient a backward returns, and
+    /// one for an untracked operand (ITC's 65k-column queue) would be made, zero-filled and
+    /// added for nothing.
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let op = || MatMul { scale: self.scale };
-        let da = grad.apply_op2_no_bwd(&b.t()?, &op())?;
-        let db = if b.rank() == 2 && a.rank() > 2 {
+        let da = if a.track_op() { Some(grad.apply_op2_no_bwd(&b.t()?, &op())?) } else { None };
+        let db = if !b.track_op() {
+            None
+        } else if b.rank() == 2 && a.rank() > 2 {
             let k = a.dim(candle_core::D::Minus1)?;
             let n = grad.dim(candle_core::D::Minus1)?;
             let a2 = a.reshape(((), k))?;
-            a2.t()?.apply_op2_no_bwd(&grad.reshape(((), n))?, &op())?
+            Some(a2.t()?.apply_op2_no_bwd(&grad.reshape(((), n))?, &op())?)
         } else {
-            a.t()?.apply_op2_no_bwd(grad, &op())?
+            Some(a.t()?.apply_op2_no_bwd(grad, &op())?)
         };
-        Ok((Some(da), Some(db)))
+        Ok((da, db))
     }
 }
 
@@ -320,12 +325,13 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = MatMul { scale: 1.0 };
-        let dx = grad.apply_op2_no_bwd(w, &op)?;
+        // The image encoder's patch embedding reads the (untracked) pixels.
+        let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(w, &op)?) } else { None };
         let (k, n) = (w.dim(1)?, w.dim(0)?);
         let (grad2, x2) = (grad.reshape(((), n))?, x.reshape(((), k))?);
         let dw = grad2.t()?.apply_op2_no_bwd(&x2, &op)?;
         let db = grad2.contiguous()?.apply_op1_no_bwd(&ColumnSums)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 

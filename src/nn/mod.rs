@@ -78,6 +78,16 @@ pub fn with_precision<T>(p: Precision, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// `a.matmul(b)` in fp32 whatever the thread's precision (ITC's similarities, which the
+/// reference computes in fp32); through `nn::gemm` on the CPU, whose backward makes no gradient
+/// for an untracked operand (a queue).
+pub fn matmul_fp32(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused::cpu_f32(a) && fused::cpu_f32(b) {
+        return a.apply_op2(b, gemm::MatMul { scale: 1.0 });
+    }
+    a.matmul(b)
+}
+
 /// `a.matmul(b)` in the thread's [`Precision`]: exactly `matmul` in fp32; in bf16 both operands
 /// are rounded to bf16, multiplied (f32 accumulation, as cuBLAS and gemm do) and the bf16 result
 /// widened to f32. The gradients flow back through the casts as f32.
@@ -556,6 +566,23 @@ mod fused_vs_composed {
         let y1 = linear(&first, &w, Some(&b)).unwrap();
         let y2 = first.contiguous().unwrap().broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
         assert_close("linear of first rows", &y1, &y2, 1e-5);
+        // An untracked operand (ITC's copy of a queue; a linear layer's pixels) gets no
+        // gradient made, the tracked one the same as through candle.
+        let feat = Var::from_tensor(&random((1, 2, 5), 20).squeeze(0).unwrap()).unwrap();
+        let queue = random((1, 5, 9), 21).squeeze(0).unwrap();
+        let r = random((1, 2, 9), 22).squeeze(0).unwrap();
+        let g = (matmul_fp32(feat.as_tensor(), &queue).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&queue).is_none(), "a gradient was made for the untracked operand");
+        let (_, want) = grads_of(&[feat.as_tensor()], &r, |t| t[0].matmul(&queue));
+        assert_close("tracked operand of a product with an untracked one", g.get(&feat).unwrap(), &want[0], 1e-5);
+        let wv = Var::from_tensor(&w).unwrap();
+        let g = (linear(&x, wv.as_tensor(), Some(&b)).unwrap() * &random((1, 7, 3), 23).squeeze(0).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&x).is_none(), "a gradient was made for a linear layer's untracked input");
     }
 
     /// The composed attention every other device runs: heads split into copies, scaled q.
