@@ -72,6 +72,15 @@ fn main() {
     // and memory handed back is faulted in again page by page (-1: never purge).
     // SAFETY: sets a process-wide allocator option; no other thread runs yet.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // candle runs its element-wise ops on a pool of its own, whose n−1 workers spin between ops
+    // beside rayon's n (gemm and the kernels in `nn`). On two threads that oversubscription cost
+    // 2–3% of a training step against candle's ops on the calling thread alone (`albef bench
+    // --only train`, 2026-12-02; the image encoder and fusion unchanged). Not measured on more
+    // cores, where the parallel element-wise ops may matter more: there candle keeps its pool.
+    // A CANDLE_NUM_THREADS of the user's wins. Set before any thread or candle op exists.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() && candle_core::utils::get_num_threads() <= 2 {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     albef::util::install_panic_hook();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
